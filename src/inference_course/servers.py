@@ -1,0 +1,291 @@
+"""Start, wait for, and always stop the external servers the labs drive.
+
+Every server runs as a subprocess in its own process group, bound to 127.0.0.1 on a free port, with
+its output in a log file. ``ManagedServer`` gives three guarantees:
+
+* ``wait_ready`` either returns a server that answers its readiness URL, or raises ``ServerError``
+  carrying the tail of the server's log (the line that says *why* is almost always there);
+* ``stop`` terminates the whole process group (vLLM and Triton start child processes), first politely
+  (SIGTERM), then SIGKILL;
+* nothing outlives the Python process that started it: an ``atexit`` hook stops servers on a normal
+  exit, and a small reaper process, started beside each server, kills the server's group when the
+  parent dies any other way (a crashed or killed notebook kernel, ``kill -9`` of a test run).
+
+Typical use in a notebook::
+
+    with vllm_server(model) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        ...
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+HOST = "127.0.0.1"
+_RUNNING: dict[int, "ManagedServer"] = {}
+_LOCK = threading.Lock()
+
+
+class ServerError(RuntimeError):
+    """A managed server failed to start or died; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when ``url`` answers with a 2xx status."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+class ManagedServer:
+    """One external server process (and its children) with a readiness check and a guaranteed stop."""
+
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        *,
+        port: int,
+        ready_path: str | None = "/",
+        ready_check: Callable[["ManagedServer"], bool] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        startup_timeout: float = 120.0,
+        log_path: str | os.PathLike | None = None,
+        ports: dict[str, int] | None = None,
+    ):
+        self.name = name
+        self.cmd = [str(c) for c in cmd]
+        self.port = port
+        self.ports = dict(ports or {"http": port})
+        self.ready_path = ready_path
+        self.ready_check = ready_check
+        self.env = env
+        self.cwd = str(cwd) if cwd else None
+        self.startup_timeout = startup_timeout
+        if log_path is None:
+            log_dir = Path(tempfile.gettempdir()) / "inference-course-logs"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = log_dir / f"{name}-{port}-{os.getpid()}.log"
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen | None = None
+        self._reaper: subprocess.Popen | None = None
+        self.started_at: float | None = None
+        self.ready_after_s: float | None = None
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log written)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __repr__(self) -> str:
+        state = "running" if self.running() else "stopped"
+        return f"<{self.name} {state} at {self.url} pid={self.pid} log={self.log_path}>"
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> "ManagedServer":
+        if self.running():
+            return self
+        env = os.environ.copy()
+        env.update(self.env or {})
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._log = open(self.log_path, "ab", buffering=0)
+        self._log.write(f"$ {' '.join(self.cmd)}\n".encode())
+        try:
+            self.process = subprocess.Popen(
+                self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, cwd=self.cwd, start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            self._log.close()
+            raise ServerError(f"{self.name}: cannot run {self.cmd[0]!r}: {exc}. Is it installed?") from exc
+        self.started_at = time.monotonic()
+        with _LOCK:
+            _RUNNING[self.process.pid] = self
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-m", "inference_course._reaper", str(os.getpid()), str(self.process.pid)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "PYTHONPATH": _package_root()},
+        )
+        return self
+
+    def is_ready(self) -> bool:
+        if self.ready_check is not None:
+            return bool(self.ready_check(self))
+        if self.ready_path is None:
+            return True
+        return http_ok(self.url + self.ready_path)
+
+    def wait_ready(self, timeout: float | None = None, poll: float = 0.5) -> "ManagedServer":
+        """Block until the server is ready; on failure stop it and raise with its log's tail."""
+        timeout = self.startup_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running():
+                code = self.process.returncode if self.process else None
+                self.stop()
+                raise ServerError(
+                    f"{self.name} exited with code {code} before it was ready.\n"
+                    f"--- last lines of {self.log_path} ---\n{self.log_tail()}"
+                )
+            if self.is_ready():
+                self.ready_after_s = time.monotonic() - (self.started_at or time.monotonic())
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"{self.name} was not ready after {timeout:.0f} s (checked {self.url}{self.ready_path or ''}). "
+                    f"Raise the timeout if the machine is slow, or read why below.\n"
+                    f"--- last lines of {self.log_path} ---\n{self.log_tail()}"
+                )
+            time.sleep(poll)
+
+    def stop(self, grace: float = 20.0) -> int | None:
+        """Terminate the server's whole process group; returns its exit code."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        # Children that ignored SIGTERM or outlived their parent still belong to the group.
+        _signal_group(proc.pid, signal.SIGKILL)
+        with _LOCK:
+            _RUNNING.pop(proc.pid, None)
+        if self._reaper and self._reaper.poll() is None:
+            self._reaper.terminate()
+            try:
+                self._reaper.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+        if getattr(self, "_log", None) and not self._log.closed:
+            self._log.close()
+        return proc.returncode
+
+    def __enter__(self) -> "ManagedServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _package_root() -> str:
+    root = str(Path(__file__).resolve().parent.parent)
+    existing = os.environ.get("PYTHONPATH")
+    return root + (os.pathsep + existing if existing else "")
+
+
+def running_servers() -> list[ManagedServer]:
+    with _LOCK:
+        return list(_RUNNING.values())
+
+
+def stop_all() -> None:
+    """Stop every server this process started (also run at interpreter exit)."""
+    for server in running_servers():
+        server.stop()
+
+
+atexit.register(stop_all)
+
+
+# -- the servers the labs use -----------------------------------------------------------------------
+
+def vllm_server(model: str, *, profile=None, port: int | None = None, extra_args: Sequence[str] = (),
+                served_name: str | None = None, env: dict | None = None, **engine_overrides) -> ManagedServer:
+    """``vllm serve`` (OpenAI-compatible API) for ``model`` with the profile's engine settings."""
+    from .profiles import get_profile
+
+    profile = profile or get_profile()
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+           "--host", HOST, "--port", str(port), *profile.vllm_serve_args(**engine_overrides)]
+    if served_name:
+        cmd += ["--served-model-name", served_name]
+    cmd += list(extra_args)
+    return ManagedServer("vllm", cmd, port=port, ready_path="/v1/models",
+                         startup_timeout=profile.engine_start_timeout_s,
+                         env={"VLLM_USE_FLASHINFER_SAMPLER": "0", **(env or {})})
+
+
+def uvicorn_server(app: str, *, app_dir: str | os.PathLike | None = None, port: int | None = None,
+                   ready_path: str = "/", env: dict | None = None, startup_timeout: float = 60.0,
+                   extra_args: Sequence[str] = ()) -> ManagedServer:
+    """A uvicorn process serving ``app`` (``"module:attribute"``), importable from ``app_dir``."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port), *extra_args]
+    if app_dir:
+        cmd += ["--app-dir", str(app_dir)]
+    return ManagedServer("uvicorn", cmd, port=port, ready_path=ready_path, env=env,
+                         startup_timeout=startup_timeout)
+
+
+def prometheus_binary() -> str | None:
+    return os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
+
+
+def prometheus_server(config_file: str | os.PathLike, *, port: int | None = None,
+                      data_dir: str | os.PathLike | None = None, startup_timeout: float = 60.0) -> ManagedServer:
+    """A real Prometheus server reading ``config_file`` (Debian: ``apt-get install prometheus``)."""
+    binary = prometheus_binary()
+    if not binary:
+        raise ServerError("prometheus is not installed. Fix: `apt-get install prometheus` (Debian/Ubuntu), "
+                          "or set PROMETHEUS_BIN to the binary of a release from prometheus.io.")
+    port = port or free_port()
+    data_dir = data_dir or tempfile.mkdtemp(prefix="prometheus-")
+    cmd = [binary, f"--config.file={config_file}", f"--web.listen-address={HOST}:{port}",
+           f"--storage.tsdb.path={data_dir}", "--web.enable-lifecycle"]
+    return ManagedServer("prometheus", cmd, port=port, ready_path="/-/ready", startup_timeout=startup_timeout)

@@ -1,0 +1,192 @@
+"""The Triton Inference Server without Docker: find the binary, set up its Python backend, start it.
+
+``nvidia-pytriton`` (PyPI) bundles the real ``tritonserver`` binary (2.51), its libraries and the
+Python backend with one backend *stub* per Python version. The course uses only that binary; learners
+with Docker can run NGC's ``nvcr.io/nvidia/tritonserver:24.08-py3`` on the same model repository.
+
+The bundled Python backend was built against numpy 1.x: with numpy 2 ``pb_utils.Tensor(name, array)``
+fails with "output tensor shape does not match size of output". Python models in this course therefore
+move tensors through DLPack (``to_dlpack`` / ``Tensor.from_dlpack``), which works with both.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+from .servers import HOST, ManagedServer, ServerError, free_port, http_ok
+
+ENV_BINARY = "TRITONSERVER_BIN"
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.08-py3"
+
+
+def pytriton_root() -> Path | None:
+    """The installed ``pytriton`` package folder, if nvidia-pytriton is installed."""
+    spec = importlib.util.find_spec("pytriton")
+    if not spec or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def find_tritonserver() -> Path:
+    """``$TRITONSERVER_BIN``, else a ``tritonserver`` on PATH, else the binary bundled in nvidia-pytriton."""
+    forced = os.environ.get(ENV_BINARY)
+    if forced:
+        if not os.access(forced, os.X_OK):
+            raise ServerError(f"{ENV_BINARY}={forced} is not an executable file.")
+        return Path(forced)
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Path(on_path)
+    root = pytriton_root()
+    if root and (root / "tritonserver" / "bin" / "tritonserver").exists():
+        return root / "tritonserver" / "bin" / "tritonserver"
+    raise ServerError(
+        "No Triton server binary found. Fix: `pip install --no-deps nvidia-pytriton==0.7.0` (bundles "
+        f"tritonserver 2.51 for Linux x86-64, glibc >= 2.35), or put `tritonserver` on PATH, or set {ENV_BINARY}; "
+        f"with Docker: `docker run --rm -p8000-8002:8000-8002 -v $PWD/model_repository:/models {NGC_IMAGE} "
+        "tritonserver --model-repository=/models`."
+    )
+
+
+def is_bundled(binary: Path) -> bool:
+    root = pytriton_root()
+    return bool(root) and Path(binary).resolve().is_relative_to((root / "tritonserver").resolve())
+
+
+def library_dir() -> Path | None:
+    """Folder of the shared libraries the bundled binary and its Python backend load."""
+    root = pytriton_root()
+    if root is None:
+        return None
+    libs = root.parent / "nvidia_pytriton.libs"
+    return libs if libs.is_dir() else None
+
+
+def backend_directory(python: str | None = None) -> Path:
+    """A ``--backend-directory`` whose Python backend runs this interpreter's Python version.
+
+    The bundled backend ships stubs for Python 3.8-3.13 in ``python_backend_stubs/3.X``; Triton looks
+    for ``triton_python_backend_stub`` beside ``libtriton_python.so``, so the matching one is copied in.
+    """
+    from .models import cache_dir
+
+    version = python or f"{sys.version_info.major}.{sys.version_info.minor}"
+    root = pytriton_root()
+    if root is None:
+        raise ServerError("nvidia-pytriton is not installed; its Python backend is needed.")
+    source = root / "tritonserver" / "backends" / "python"
+    stub = root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version}; use Python 3.8-3.13.")
+    target_root = cache_dir() / "triton-backends" / f"py{version}"
+    target = target_root / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in (source / "libtriton_python.so", source / "triton_python_backend_utils.py", stub):
+        dest = target / item.name
+        if not dest.exists() or dest.stat().st_size != item.stat().st_size:
+            shutil.copy2(item, dest)
+    return target_root
+
+
+def server_env() -> dict[str, str]:
+    """Environment for the server: bundled libraries on the loader path, this interpreter first on PATH
+    (the Python backend runs models with the ``python3`` it finds there)."""
+    env: dict[str, str] = {}
+    libs = library_dir()
+    if libs:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), os.environ.get("LD_LIBRARY_PATH")]))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def triton_server(model_repository: str | os.PathLike, *, model_control_mode: str = "none",
+                  load_models: tuple[str, ...] | list[str] = (), extra_args: tuple[str, ...] | list[str] = (),
+                  startup_timeout: float = 120.0, strict_model_config: bool = True,
+                  log_verbose: int = 0) -> ManagedServer:
+    """A real ``tritonserver`` on free loopback ports (HTTP, gRPC, metrics), not yet started.
+
+    Use it as a context manager; ``server.ports`` holds ``http``, ``grpc`` and ``metrics``.
+    """
+    binary = find_tritonserver()
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    while len({http, grpc, metrics}) < 3:
+        grpc, metrics = free_port(), free_port()
+    cmd = [
+        str(binary),
+        f"--model-repository={Path(model_repository).resolve()}",
+        f"--http-address={HOST}", f"--http-port={http}",
+        f"--grpc-address={HOST}", f"--grpc-port={grpc}",
+        f"--metrics-address={HOST}", f"--metrics-port={metrics}",
+        f"--model-control-mode={model_control_mode}",
+        f"--strict-model-config={'true' if strict_model_config else 'false'}",
+        f"--log-verbose={log_verbose}",
+    ]
+    if is_bundled(binary):
+        cmd.append(f"--backend-directory={backend_directory()}")
+    cmd += [f"--load-model={name}" for name in load_models]
+    cmd += list(extra_args)
+    server = ManagedServer("tritonserver", cmd, port=http, ready_path="/v2/health/ready", env=server_env(),
+                           startup_timeout=startup_timeout,
+                           ports={"http": http, "grpc": grpc, "metrics": metrics})
+    return server
+
+
+def metrics_url(server: ManagedServer) -> str:
+    return f"http://{HOST}:{server.ports['metrics']}/metrics"
+
+
+def grpc_url(server: ManagedServer) -> str:
+    return f"{HOST}:{server.ports['grpc']}"
+
+
+def http_url(server: ManagedServer) -> str:
+    return f"{HOST}:{server.ports['http']}"
+
+
+def model_ready(server: ManagedServer, model: str) -> bool:
+    return http_ok(f"{server.url}/v2/models/{model}/ready")
+
+
+def write_model(repository: str | os.PathLike, name: str, config: str, model_py: str | None = None,
+                version: int = 1) -> Path:
+    """Write ``<repository>/<name>/config.pbtxt`` and, for the Python backend, ``<version>/model.py``."""
+    model_dir = Path(repository) / name
+    (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(textwrap.dedent(config).strip() + "\n")
+    if model_py is not None:
+        (model_dir / str(version) / "model.py").write_text(textwrap.dedent(model_py).lstrip())
+    return model_dir
+
+
+# A Python-backend model that doubles a FP32 vector, tensors crossing through DLPack (numpy 1 and 2).
+DOUBLER_CONFIG = """
+backend: "python"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+DOUBLER_MODEL = '''
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """OUTPUT0 = 2 * INPUT0. Tensors cross via DLPack: the bundled backend mis-sizes numpy 2 arrays."""
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = from_dlpack(pb_utils.get_input_tensor_by_name(request, "INPUT0").to_dlpack())
+            y = (x * 2).contiguous()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("OUTPUT0", to_dlpack(y))]))
+        return responses
+'''

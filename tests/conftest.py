@@ -1,0 +1,67 @@
+"""Shared pytest setup: which notebooks nbval collects, their timeouts, and their time budgets."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_NOTEBOOK_SECONDS: dict[str, float] = defaultdict(float)
+_STARTED: dict[str, float] = {}
+
+
+def pytest_ignore_collect(collection_path: Path, config):
+    """nbval runs the solution notebooks only: learner notebooks stop at `raise NotImplementedError`."""
+    if collection_path.suffix == ".ipynb":
+        return collection_path.parent.name != "solutions" or ".ipynb_checkpoints" in collection_path.parts
+    return None
+
+
+def pytest_configure(config):
+    from inference_course.profiles import get_profile
+
+    if hasattr(config.option, "nbval_cell_timeout") and config.option.nbval_cell_timeout in (None, 2000):
+        config.option.nbval_cell_timeout = get_profile().cell_timeout_s
+
+
+def _notebook_of(item) -> str | None:
+    path = Path(str(item.fspath))
+    return str(path.relative_to(ROOT)) if path.suffix == ".ipynb" else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    started = time.monotonic()
+    yield
+    notebook = _notebook_of(item)
+    if notebook:
+        _NOTEBOOK_SECONDS[notebook] += time.monotonic() - started
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _NOTEBOOK_SECONDS:
+        return
+    from inference_course.profiles import get_profile
+
+    profile = get_profile()
+    terminalreporter.section(f"notebook time ({profile.name} profile, budget {profile.notebook_budget_s} s each)")
+    over = []
+    for notebook, seconds in sorted(_NOTEBOOK_SECONDS.items()):
+        flag = "" if seconds <= profile.notebook_budget_s else "  OVER BUDGET"
+        terminalreporter.write_line(f"{seconds:7.1f} s  {notebook}{flag}")
+        if flag:
+            over.append(notebook)
+    if over:
+        terminalreporter.write_line(f"{len(over)} notebook(s) over the {profile.name} budget", red=True)
+        config._notebooks_over_budget = over
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # The summary runs after this hook, so the budget is checked here too.
+    from inference_course.profiles import get_profile
+
+    budget = get_profile().notebook_budget_s
+    if any(seconds > budget for seconds in _NOTEBOOK_SECONDS.values()) and session.exitstatus == 0:
+        session.exitstatus = 1
