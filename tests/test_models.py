@@ -79,5 +79,8 @@ def test_embedded_model_answers_under_vllm():
     proc = subprocess.run([sys.executable, "-m", "inference_course._vllm_check"], capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    from inference_course._vllm_check import parse
+
+    result = parse(proc.stdout)
+    assert result is not None, proc.stdout[-2000:]
     assert "Paris" in result["answer"], result

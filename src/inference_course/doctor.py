@@ -121,11 +121,9 @@ def check_vllm(timeout: float | None = None) -> Check:
     except subprocess.TimeoutExpired:
         return Check("vLLM generate", FAIL, f"no answer within {timeout:.0f} s",
                      "the engine start is slow on this machine: retry, or lower max_model_len via a smaller model")
-    result = None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            result = json.loads(line)
-            break
+    from ._vllm_check import parse
+
+    result = parse(proc.stdout)
     if proc.returncode or result is None:
         log = proc.stderr + proc.stdout
         tail = [l for l in log.splitlines() if l.strip()][-3:]

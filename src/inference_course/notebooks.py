@@ -30,6 +30,7 @@ END = re.compile(r"^\s*# END SOLUTION\s*$")
 HINT = re.compile(r"^\s*# HINT:\s?(?P<text>.*)$")
 HEADLINE_MIME = "application/vnd.inference-course.headline+json"
 REPO_MARKERS = ("pyproject.toml", "02-Labs")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # -- in-notebook helpers ----------------------------------------------------------------------------
@@ -50,6 +51,13 @@ def setup(seed: int = 0, quiet: bool = False):
 
     from .profiles import get_profile, system_info
 
+    import warnings
+
+    # vLLM logs engine internals at INFO and WARNING; in a notebook they bury the results. Set
+    # VLLM_LOGGING_LEVEL=INFO in the environment to see them (the server logs keep everything).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the engine's own processes
     lab = find_lab_dir()
     if lab and str(lab) not in sys.path:
         sys.path.insert(0, str(lab))
@@ -235,7 +243,7 @@ def _collect(nb, run: NotebookRun, figure_dir: Path, stem: str) -> None:
                 figure.write_bytes(base64.b64decode(data["image/png"]))
                 run.figures.append(figure)
             if output.get("output_type") == "error" and not run.error:
-                run.error = f"{output.get('ename')}: {output.get('evalue')}"
+                run.error = ANSI.sub("", f"{output.get('ename')}: {output.get('evalue')}")
 
 
 def execute_notebook(solution: Path, out_dir: Path, root: Path, timeout: int, inplace: bool = False) -> NotebookRun:
@@ -253,7 +261,7 @@ def execute_notebook(solution: Path, out_dir: Path, root: Path, timeout: int, in
     try:
         client.execute()
     except CellExecutionError as exc:
-        run.error = str(exc).strip().splitlines()[-1][:300]
+        run.error = ANSI.sub("", str(exc).strip().splitlines()[-1])[:300]
     except Exception as exc:  # a dead kernel or a timeout: report it, go on with the next notebook
         run.error = f"{type(exc).__name__}: {exc}"[:300]
     run.seconds = time.monotonic() - started

@@ -1,4 +1,6 @@
-"""Shared pytest setup: which notebooks nbval collects, their timeouts, and their time budgets."""
+"""pytest plugin of the course (loaded with ``-p course_plugin``, see pyproject.toml): which notebooks
+nbval collects, their cell timeout, and each notebook's time budget from the profile. A plugin rather
+than a conftest.py so that its collection hook also applies to 02-Labs/."""
 from __future__ import annotations
 
 import time
