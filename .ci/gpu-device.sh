@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU profile on the device machine (no network; recipe in ../shared/gpu/README.md).
+# Here:   python3 ../shared/gpu/stage.py     -> .gpu01/ ... .gpuNN/ (wheels, git-ignored)
+# There:  one `run` per part:  mkdir -p /root/stage && cp .gpuNN/* /root/stage/
+#         then, back to back:  bash .ci/gpu-device.sh STEP   (STEP: doctor | nbval | course | tests)
+# Everything worth keeping is written under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ ! -d /root/site/vllm ]; then
+  cat /root/stage/part.* | tar -x -C /root
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/wheels/*.whl
+fi
+export PYTHONPATH=/root/site:$PWD/src PATH=/root/site/bin:$PATH VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+export COURSE_PROFILE=gpu
+NBVAL=(--nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg)
+case "${1:-doctor}" in
+  doctor)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+    python3 -m inference_course model
+    python3 -m inference_course doctor 2>&1 | tee "$OUT/doctor.txt" ;;
+  nbval)    # the committed solution outputs checked on the GPU profile
+    python3 -m pytest 02-Labs "${NBVAL[@]}" 2>&1 | tee "$OUT/nbval.txt" ;;
+  course)   # execute every solution notebook on the GPU; outputs written back for committing
+    python3 -m inference_course course --inplace --out /tmp/course-results 2>&1 | tail -20 | tee "$OUT/course.txt"
+    cp /tmp/course-results/REPORT.md "$OUT/"
+    tar -cf "$OUT/solutions.tar" 02-Labs/*/*/solutions/*.ipynb ;;
+  tests)    # the package's tests on the GPU machine
+    python3 -m pytest tests -p no:nbval 2>&1 | tee "$OUT/pytest-gpu.txt" ;;
+  *) echo "unknown step $1"; exit 2 ;;
+esac
