@@ -24,9 +24,22 @@ def test_forced_gpu_profile_without_gpu_fails_with_fix(monkeypatch):
 
 
 def test_torch_cpu_build_on_a_gpu_machine_is_diagnosed(monkeypatch):
+    import torch
+
     monkeypatch.setattr(doctor, "_nvidia_smi", lambda: {"driver_cuda": "12.4", "gpus": ["NVIDIA H100"]})
-    check = doctor.check_versions()  # torch here is the +cpu build
+    monkeypatch.setattr(torch.version, "cuda", None)  # what a +cpu build reports
+    check = doctor.check_versions()
     assert check.verdict == doctor.FAIL and "CPU build" in check.detail and "gpu" in check.fix
+
+
+def test_cuda_build_newer_than_the_driver_is_diagnosed(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(doctor, "_nvidia_smi", lambda: {"driver_cuda": "12.2", "gpus": ["NVIDIA A10"]})
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check = doctor.check_versions()
+    assert check.verdict == doctor.FAIL and "CUDA 13.0" in check.detail and "<= 12.2" in check.fix
 
 
 def test_missing_triton_binary_says_how_to_install(monkeypatch):

@@ -107,4 +107,11 @@ def test_report_collects_headlines_and_figures(tmp_path):
     assert run.headlines == [{"name": "tok/s", "value": 12.5, "unit": "tok/s", "note": ""}]
     assert run.figures[0].read_bytes() == b"\x89PNG fake"
     report = notebooks.write_report([run], tmp_path, "cpu").read_text()
-    assert "| tok/s | 12.5 | tok/s |" in report and "01-A-fig1.png" in report and "profile: **cpu**" in report
+    assert "| tok/s | 12.50 | tok/s |" in report and "01-A-fig1.png" in report and "profile: **cpu**" in report
+
+
+def test_values_are_formatted_for_reading():
+    assert notebooks.format_value(23370.4) == "23,370"
+    assert notebooks.format_value(46.26) == "46.26"
+    assert notebooks.format_value(0.012345) == "0.0123"
+    assert notebooks.format_value(3) == "3" and notebooks.format_value("n/a") == "n/a"

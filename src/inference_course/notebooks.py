@@ -85,11 +85,23 @@ def setup(seed: int = 0, quiet: bool = False):
     return profile
 
 
+def format_value(value) -> str:
+    """A measurement as people read it: 23,370 / 46.3 / 0.0123."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    magnitude = abs(value)
+    if isinstance(value, int) or magnitude >= 100:
+        return f"{value:,.0f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
 def headline(name: str, value, unit: str = "", note: str = "") -> None:
     """Show a headline measurement and tag it for the results report of ``make course``."""
     from IPython.display import display
 
-    shown = f"{value:,.4g}" if isinstance(value, float) else f"{value}"
+    shown = format_value(value)
     text = f"**{name}**: {shown} {unit}".rstrip() + (f" ({note})" if note else "")
     display({"text/markdown": text, "text/plain": text.replace("**", ""),
              HEADLINE_MIME: {"name": name, "value": value, "unit": unit, "note": note}}, raw=True)
@@ -299,9 +311,7 @@ def write_report(runs: list[NotebookRun], out_dir: Path, profile_name: str) -> P
         if run.headlines:
             lines += ["| measurement | value | unit | note |", "|---|---|---|---|"]
             for h in run.headlines:
-                value = h["value"]
-                shown = f"{value:,.4g}" if isinstance(value, float) else str(value)
-                lines.append(f"| {h['name']} | {shown} | {h.get('unit', '')} | {h.get('note', '')} |")
+                lines.append(f"| {h['name']} | {format_value(h['value'])} | {h.get('unit', '')} | {h.get('note', '')} |")
             lines.append("")
         for figure in run.figures:
             rel = os.path.relpath(figure, out_dir)
