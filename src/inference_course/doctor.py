@@ -133,7 +133,7 @@ def check_vllm(timeout: float | None = None) -> Check:
               f"generate {result['generate_s']} s, dtype {profile.vllm_dtype})")
     if "paris" not in answer.lower():
         return Check("vLLM generate", FAIL, "wrong answer to 'What is the capital of France?': " + detail,
-                     "on CPU use dtype float32 (bfloat16 gave wrong answers for the embedded model)")
+                     "check the dtype (the cpu profile uses float32) and that COURSE_MODEL is an instruct model")
     return Check("vLLM generate", PASS, detail)
 
 
