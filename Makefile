@@ -46,8 +46,11 @@ test-fast: env
 course: model
 	$(BIN)/python -m inference_course course
 
+# JupyterLab refuses to run as root unless told; containers and CI machines often are root.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: model
-	$(BIN)/jupyter lab 02-Labs
+	$(BIN)/jupyter lab 02-Labs $(LAB_ARGS)
 
 doctor: env
 	$(BIN)/python -m inference_course doctor
