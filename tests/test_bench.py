@@ -1,7 +1,10 @@
 """bench against a real HTTP server: a small FastAPI app that streams like an OpenAI-compatible server
 (SSE ``data: {json}`` events, a final usage chunk on request, ``data: [DONE]``), with known delays."""
 import asyncio
+import gc
 import json
+import subprocess
+import sys
 import textwrap
 import time
 import urllib.request
@@ -133,10 +136,10 @@ def server(tmp_path_factory):
     with servers.uvicorn_server("fake_openai:app", app_dir=folder, ready_path="/health", env=env,
                                 extra_args=["--log-level", "warning", "--no-access-log"]) as running:
         # The server's first streamed answer pays for its lazy imports: keep that out of the tests.
-        for path, body in (("/v1/completions", {"model": "warm-up", "prompt": "x"}),
-                           ("/v1/chat/completions", {"model": "warm-up", "messages": [{"role": "user", "content": "x"}]})):
-            request = urllib.request.Request(running.url + path, json.dumps({**body, "max_tokens": 2, "stream": True}).encode(),
-                                             headers={"Content-Type": "application/json"})
+        for path, body in (("/v1/completions", {"prompt": "x"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+            data = json.dumps({"model": "warm-up", "max_tokens": 2, "stream": True, **body}).encode()
+            request = urllib.request.Request(running.url + path, data, headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=10) as response:
                 assert b"data: [DONE]" in response.read()
         yield running
@@ -196,6 +199,7 @@ def test_completions_latencies_tokens_and_concurrency(server):
     body = seen["last_body"]["m-completions"]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["ignore_eos"] is True and body["temperature"] == 0 and body["max_tokens"] == max_tokens
+    assert gc.get_freeze_count() == 0  # the heap frozen during the run is given back to the collector
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
@@ -215,7 +219,7 @@ def test_chat_messages_and_strings(server):
     assert all(r.output_tokens == 6 for r in results)
     # vLLM's rule: the role-only opening chunk is a token chunk, so 7 chunks give 6 gaps.
     assert all(len(r.itl) == 6 for r in results)
-    assert all(FIRST_TOKEN_S <= r.ttft < FIRST_TOKEN_S + 0.04 for r in results)
+    assert all(FIRST_TOKEN_S <= r.ttft < FIRST_TOKEN_S + 0.04 for r in results), [r.ttft for r in results]
     body = stats(server)["last_body"]["m-chat"]
     assert body["max_completion_tokens"] == 6 and body["messages"][-1]["role"] == "user"
 
@@ -275,21 +279,40 @@ def test_request_rate_spreads_arrivals_deterministically(server):
     results, duration = bench.run(server.url, "m-rate", prompts(n), concurrency=n, max_tokens=3,
                                   request_rate=rate, seed=1)
     starts = np.array([r.start for r in results])
-    assert np.all(starts >= schedule - 0.002) and np.all(starts < schedule + 0.03), (starts, schedule)
+    lag = starts - schedule  # sleeping wakes late, never early; a busy CI machine adds tens of ms
+    assert np.all(lag >= -0.002) and np.all(lag < 0.1) and np.median(lag) < 0.03, (starts, schedule)
     assert duration >= n / rate
 
     results, _ = bench.run(server.url, "m-rate", prompts(n), concurrency=n, max_tokens=3)
     assert max(r.start for r in results) < 0.03
 
 
-def test_run_inside_a_running_event_loop(server):
+def test_run_inside_a_running_event_loop(server, capsys):
     async def notebook_cell():  # a Jupyter cell runs while the kernel's event loop is running
         asyncio.get_running_loop()
-        return bench.run(server.url, "m-loop", prompts(3), concurrency=3, max_tokens=4)
+        return bench.run(server.url, "m-loop", prompts(3), concurrency=3, max_tokens=4, progress=True)
 
     results, duration = asyncio.run(notebook_cell())
     assert all(r.ok and r.output_tokens == 4 for r in results)
     assert duration > FIRST_TOKEN_S
+    assert "3/3" in capsys.readouterr().err  # the progress bar counted every request
+
+
+def test_first_run_of_a_fresh_process_is_not_slowed_by_sdk_start_up(server):
+    # The SDK imports and builds much on its first request (30-50 ms here); that must not count as TTFT.
+    code = textwrap.dedent("""
+        import json, statistics, sys
+        from inference_course import bench
+        medians = []
+        for _ in range(2):
+            results, _ = bench.run(sys.argv[1], "m-fresh", ["a", "b", "c"], api="chat", concurrency=3, max_tokens=3)
+            medians.append(statistics.median(r.ttft for r in results))
+        print(json.dumps(medians))
+    """)
+    done = subprocess.run([sys.executable, "-c", code, server.url], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first, second = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first - second < 0.015 and first < FIRST_TOKEN_S + 0.04, (first, second)
 
 
 def test_sweep_and_plot(server):

@@ -47,15 +47,27 @@ code in ``benchmarks/backend_request_func.py`` and ``benchmarks/benchmark_servin
   rescaled so that the last arrival falls at ``n / request_rate`` (vLLM does the same rescaling). A
   request that arrives while ``concurrency`` requests are in flight waits for a free slot.
 
-The client is the official ``openai`` ``AsyncOpenAI`` (retries off), so what is measured is what an
-application using that SDK sees. Parsing each chunk costs the client some tens of microseconds of
-Python: at tens of thousands of chunks per second one client process saturates a core and the
-latencies it reports grow; compare with ``vllm bench serve`` when in doubt.
+For a like-for-like comparison with ``vllm bench serve`` on the same server, give it the same
+workload (``--max-concurrency``, ``--request-rate``, ``--ignore-eos``, and ``--temperature 0``: it no
+longer sends temperature 0 by default, this module does). Two differences remain: ``vllm bench serve``
+first sends one prompt of the workload as a readiness check (that prompt is then in the prefix
+cache), while this module sends the server nothing but the workload; and without a usage chunk
+vLLM re-tokenizes the text while this module counts text chunks.
+
+Before t0 the client is warmed up against a throw-away local socket (the SDK's first request imports
+and builds much) and the garbage-collected heap is frozen for the run (as ``vllm bench serve`` does),
+so that neither shows up as latency. The client is the official ``openai`` ``AsyncOpenAI`` (retries
+off), so what is measured is what an application using that SDK sees. Parsing each chunk costs the
+client some tens of microseconds of Python: at tens of thousands of chunks per second one client
+process saturates a core and the latencies it reports grow; compare with ``vllm bench serve`` when
+in doubt.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import gc
 import json
 import math
 import os
@@ -193,6 +205,24 @@ async def _warm_up_client(api: str) -> None:
         await server.wait_closed()
 
 
+@contextlib.contextmanager
+def _frozen_gc():
+    """Keep the heap that exists now out of the garbage collector's passes while the benchmark runs
+    (``vllm bench serve`` calls vLLM's ``freeze_gc_heap`` for the same reason). In a notebook kernel
+    that has imported large libraries, a full collection of that heap pauses the client for 0.1 s
+    or more, which would show up as latency. The heap is unfrozen afterwards, so garbage frozen with
+    it is collected later as usual."""
+    already = gc.get_freeze_count()
+    if already:  # someone else froze the heap and will not unfreeze ours: freeze no garbage
+        gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not already:  # leave a freeze made by someone else in place
+            gc.unfreeze()
+
+
 def _describe(exc: BaseException, timeout: float) -> str:
     import openai
 
@@ -227,7 +257,10 @@ async def _stream_one(endpoint, api: str, model: str, prompt, params: dict, reco
                     record["itl"].append(now - record["last"])
                 record["last"] = now
                 choice = chunk.choices[0]
-                text = choice.delta.content if api == "chat" and choice.delta is not None else getattr(choice, "text", None)
+                if api == "chat":
+                    text = choice.delta.content if choice.delta is not None else None
+                else:
+                    text = choice.text
                 if text:
                     record["text_chunks"] += 1
             usage = getattr(chunk, "usage", None)
@@ -288,20 +321,16 @@ async def run_requests(base_url: str, model: str, prompts: Sequence, *, concurre
     prompts = list(prompts)
     if api == "completions" and any(_is_messages(p) for p in prompts):
         raise ValueError("chat messages need api='chat'")
-    arrivals = poisson_arrivals(len(prompts), None, seed)
+    arrivals = poisson_arrivals(len(prompts), request_rate, seed)
     extra_body = {"ignore_eos": True} if ignore_eos else None
     params = {"max_tokens": max_tokens,
               "common": dict(temperature=temperature, stream=True, stream_options={"include_usage": True},
                              extra_body=extra_body)}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc=f"requests (concurrency {concurrency})", unit="req")
     semaphore = asyncio.Semaphore(concurrency)
     client = openai.AsyncOpenAI(base_url=_api_base(base_url),
                                 api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
                                 max_retries=0, timeout=timeout, http_client=_http_client(concurrency))
+    bar = None
 
     async def scheduled(prompt, arrival: float) -> RequestResult:
         delay = t0 + arrival - time.perf_counter()
@@ -317,10 +346,15 @@ async def run_requests(base_url: str, model: str, prompts: Sequence, *, concurre
     endpoint = client.chat.completions if api == "chat" else client.completions
     await _warm_up_client(api)
     try:
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), desc=f"requests (concurrency {concurrency})", unit="req")
         async with client:
-            t0 = time.perf_counter()
-            results = await asyncio.gather(*(scheduled(p, a) for p, a in zip(prompts, arrivals)))
-            duration = time.perf_counter() - t0
+            with _frozen_gc():
+                t0 = time.perf_counter()
+                results = await asyncio.gather(*(scheduled(p, a) for p, a in zip(prompts, arrivals)))
+                duration = time.perf_counter() - t0
     finally:
         if bar is not None:
             bar.close()
