@@ -16,9 +16,10 @@ _STARTED: dict[str, float] = {}
 
 def pytest_ignore_collect(collection_path: Path, config):
     """nbval runs the solution notebooks only: learner notebooks stop at `raise NotImplementedError`."""
-    if collection_path.suffix == ".ipynb":
-        return collection_path.parent.name != "solutions" or ".ipynb_checkpoints" in collection_path.parts
-    return None
+    if collection_path.suffix == ".ipynb" and (collection_path.parent.name != "solutions"
+                                                or ".ipynb_checkpoints" in collection_path.parts):
+        return True
+    return None  # let pytest's own --ignore/--ignore-glob decide for everything else
 
 
 def pytest_configure(config):
@@ -30,7 +31,12 @@ def pytest_configure(config):
 
 def _notebook_of(item) -> str | None:
     path = Path(str(item.fspath))
-    return str(path.relative_to(ROOT)) if path.suffix == ".ipynb" else None
+    if path.suffix != ".ipynb":
+        return None
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 @pytest.hookimpl(hookwrapper=True)

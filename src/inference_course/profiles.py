@@ -205,7 +205,7 @@ def system_info(profile: Profile | None = None) -> dict:
         "python": sys.version.split()[0],
         "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
         "cpu": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
     try:
         import psutil

@@ -50,10 +50,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Loopback checks must not go through an HTTP(S)_PROXY from the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     """True when ``url`` answers with a 2xx status."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with _DIRECT.open(url, timeout=timeout) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
@@ -187,9 +191,13 @@ class ManagedServer:
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass  # unkillable (D state); the group is signalled again below
         # Children that ignored SIGTERM or outlived their parent still belong to the group.
-        _signal_group(proc.pid, signal.SIGKILL)
+        if group_members(proc.pid):
+            _signal_group(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while group_members(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -248,6 +256,34 @@ def _package_root() -> str:
     return root + (os.pathsep + existing if existing else "")
 
 
+def run_isolated(cmd: Sequence[str], *, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command to completion in its own process group, guarded by the reaper.
+
+    Unlike ``subprocess.run(timeout=...)``, which kills only the direct child, a timeout here (or the
+    caller's death) kills the whole group: an engine's worker processes included.
+    """
+    merged = {**os.environ, **(env or {})}
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=merged, start_new_session=True)
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "inference_course._reaper", str(os.getpid()), str(proc.pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env={**os.environ, "PYTHONPATH": _package_root()},
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+    finally:
+        if group_members(proc.pid):
+            _signal_group(proc.pid, signal.SIGKILL)
+        reaper.terminate()
+        reaper.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def running_servers() -> list[ManagedServer]:
     with _LOCK:
         return list(_RUNNING.values())
@@ -278,9 +314,11 @@ def vllm_server(model: str, *, profile=None, port: int | None = None, extra_args
     if served_name:
         cmd += ["--served-model-name", served_name]
     cmd += list(extra_args)
+    # INFO: notebooks quiet vLLM in their own process (notebooks.setup); the server's log keeps it all,
+    # so that ServerError shows the lines that explain a failure.
     return ManagedServer("vllm", cmd, port=port, ready_path="/v1/models",
                          startup_timeout=profile.engine_start_timeout_s,
-                         env={"VLLM_USE_FLASHINFER_SAMPLER": "0", **(env or {})})
+                         env={"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_LOGGING_LEVEL": "INFO", **(env or {})})
 
 
 def uvicorn_server(app: str, *, app_dir: str | os.PathLike | None = None, port: int | None = None,

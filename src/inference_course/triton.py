@@ -36,7 +36,8 @@ def find_tritonserver() -> Path:
     forced = os.environ.get(ENV_BINARY)
     if forced:
         if not os.access(forced, os.X_OK):
-            raise ServerError(f"{ENV_BINARY}={forced} is not an executable file.")
+            raise ServerError(f"{ENV_BINARY}={forced} is not an executable file. Fix: unset {ENV_BINARY} to use "
+                              "the binary bundled in nvidia-pytriton, or point it at a tritonserver executable.")
         return Path(forced)
     on_path = shutil.which("tritonserver")
     if on_path:
@@ -87,8 +88,11 @@ def backend_directory(python: str | None = None) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for item in (source / "libtriton_python.so", source / "triton_python_backend_utils.py", stub):
         dest = target / item.name
-        if not dest.exists() or dest.stat().st_size != item.stat().st_size:
-            shutil.copy2(item, dest)
+        if not dest.exists() or dest.read_bytes() != item.read_bytes():
+            # A new file moved into place: a running server keeps the old inode (no ETXTBSY, no SIGBUS).
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+            shutil.copy2(item, tmp)
+            os.replace(tmp, dest)
     return target_root
 
 
