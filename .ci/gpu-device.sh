@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU profile on the device machine (no network; recipe in ../shared/gpu/README.md).
+# The GPU profile on the device machine (no network). The team's recipe for that machine lives in
+# shared/gpu/README.md beside the checkout; in short:
 # Here:   python3 ../shared/gpu/stage.py     -> .gpu01/ ... .gpuNN/ (wheels, git-ignored)
 # There:  one `run` per part:  mkdir -p /root/stage && cp .gpuNN/* /root/stage/
 #         then, back to back:  bash .ci/gpu-device.sh STEP   (STEP: doctor | nbval | course | tests)
@@ -22,9 +23,12 @@ case "${1:-doctor}" in
   nbval)    # the committed solution outputs checked on the GPU profile
     python3 -m pytest 02-Labs "${NBVAL[@]}" 2>&1 | tee "$OUT/nbval.txt" ;;
   course)   # execute every solution notebook on the GPU; outputs written back for committing
-    python3 -m inference_course course --inplace --out /tmp/course-results 2>&1 | tail -20 | tee "$OUT/course.txt"
+    python3 -m inference_course course --inplace --out /tmp/course-results > "$OUT/course.txt" 2>&1
+    status=$?
+    tail -20 "$OUT/course.txt"
     cp /tmp/course-results/REPORT.md "$OUT/"
-    tar -cf "$OUT/solutions.tar" 02-Labs/*/*/solutions/*.ipynb ;;
+    tar -cf "$OUT/solutions.tar" 02-Labs/*/*/solutions/*.ipynb
+    exit $status ;;
   tests)    # the package's tests on the GPU machine
     python3 -m pytest tests -p no:nbval 2>&1 | tee "$OUT/pytest-gpu.txt" ;;
   *) echo "unknown step $1"; exit 2 ;;
