@@ -169,6 +169,7 @@ def max_overlap(results) -> int:
 
 def test_completions_latencies_tokens_and_concurrency(server):
     max_tokens, concurrency = 10, 4
+    frozen_before = gc.get_freeze_count()  # vLLM, if imported in this process, freezes its own heap
     started = time.perf_counter()
     results, duration = bench.run(server.url, "m-completions", prompts(12, words=5), concurrency=concurrency,
                                   max_tokens=max_tokens)
@@ -199,7 +200,7 @@ def test_completions_latencies_tokens_and_concurrency(server):
     body = seen["last_body"]["m-completions"]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["ignore_eos"] is True and body["temperature"] == 0 and body["max_tokens"] == max_tokens
-    assert gc.get_freeze_count() == 0  # the heap frozen during the run is given back to the collector
+    assert gc.get_freeze_count() == frozen_before  # the run's own freeze is given back to the collector
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
