@@ -12,8 +12,9 @@ import sys
 import time
 
 
-def _group_alive(pgid: int) -> bool:
-    """True while the group has a live (non-zombie) member; an unreaped zombie leader is not alive."""
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, read from /proc (Linux)."""
+    members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -23,8 +24,13 @@ def _group_alive(pgid: int) -> bool:
         except (OSError, IndexError):
             continue
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+            members.append(int(entry))
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while the group has a live member; an unreaped zombie leader is not alive."""
+    return bool(group_members(pgid))
 
 
 def _wait_parent(parent: int, pgid: int) -> bool:

@@ -34,6 +34,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ._reaper import group_members
+
 HOST = "127.0.0.1"
 _RUNNING: dict[int, "ManagedServer"] = {}
 _LOCK = threading.Lock()
@@ -224,23 +226,6 @@ class ManagedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid``, read from /proc (Linux)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError, PermissionError):
-            continue
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state not in ("Z", "X"):
-            members.append(int(entry))
-    return members
 
 
 def _signal_group(pgid: int, sig: int) -> None:
