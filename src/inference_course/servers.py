@@ -144,11 +144,7 @@ class ManagedServer:
         self.started_at = time.monotonic()
         with _LOCK:
             _RUNNING[self.process.pid] = self
-        self._reaper = subprocess.Popen(
-            [sys.executable, "-m", "inference_course._reaper", str(os.getpid()), str(self.process.pid)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, "PYTHONPATH": _package_root()},
-        )
+        self._reaper = _start_reaper(self.process.pid)
         return self
 
     def is_ready(self) -> bool:
@@ -235,6 +231,15 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def _start_reaper(pgid: int) -> subprocess.Popen:
+    """The reaper for group ``pgid``, in its own session so that it outlives this process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "inference_course._reaper", str(os.getpid()), str(pgid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env={**os.environ, "PYTHONPATH": _package_root()},
+    )
+
+
 def _package_root() -> str:
     root = str(Path(__file__).resolve().parent.parent)
     existing = os.environ.get("PYTHONPATH")
@@ -250,11 +255,7 @@ def run_isolated(cmd: Sequence[str], *, timeout: float, env: dict | None = None)
     merged = {**os.environ, **(env or {})}
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, env=merged, start_new_session=True)
-    reaper = subprocess.Popen(
-        [sys.executable, "-m", "inference_course._reaper", str(os.getpid()), str(proc.pid)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env={**os.environ, "PYTHONPATH": _package_root()},
-    )
+    reaper = _start_reaper(proc.pid)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
