@@ -1,4 +1,5 @@
-"""Load generation and serving metrics for OpenAI-compatible servers (``vllm serve``, a FastAPI gateway).
+"""Load generation and serving metrics for OpenAI-compatible servers (``vllm serve``, a FastAPI gateway),
+and a closed-loop load driver for any blocking client (``closed_loop``, ``load_sweep``, at the end).
 
 ``run`` sends every prompt once to ``/v1/completions`` or ``/v1/chat/completions`` with streaming, at
 most ``concurrency`` requests in flight (optionally with Poisson arrivals at ``request_rate``), and
@@ -514,6 +515,178 @@ def plot_sweep(df, title: str = ""):
         ax.grid(True, alpha=0.3)
         if len(columns) > 1:
             ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# -- closed-loop load for any request/response client (Triton, HTTP APIs) ----------------------------
+#
+# ``run`` above is specific to streaming OpenAI APIs. The functions below drive any blocking client:
+# ``concurrency`` worker threads each send one request, wait for its answer, and immediately send the
+# next one (a *closed loop*, the load model of perf_analyzer's ``--concurrency-range``). Each worker
+# gets its own client from ``make_call()``, because clients such as ``tritonclient.http`` are not
+# safe to share between threads. Latency is measured on the client with ``time.perf_counter()``
+# around each call; throughput is successful requests / wall time of the measured phase.
+
+@dataclass
+class LoadResult:
+    """Outcome of one closed-loop run at one concurrency level."""
+
+    concurrency: int
+    latencies_s: list[float]
+    errors: list[str]
+    duration_s: float
+
+    @property
+    def throughput_rps(self) -> float:
+        return len(self.latencies_s) / self.duration_s if self.duration_s > 0 else math.nan
+
+    def summary(self, percentiles: Sequence[float] = (50, 95, 99)) -> dict:
+        """concurrency, requests, errors, throughput_rps, mean_ms and pNN_ms (NaN without successes)."""
+        lat = np.asarray(self.latencies_s) * 1000
+        out = {"concurrency": self.concurrency, "requests": len(self.latencies_s) + len(self.errors),
+               "errors": len(self.errors), "throughput_rps": self.throughput_rps,
+               "mean_ms": float(lat.mean()) if lat.size else math.nan}
+        for p in percentiles:
+            out[f"{_percentile_key(p)}_ms"] = float(np.percentile(lat, p)) if lat.size else math.nan
+        return out
+
+
+def closed_loop(make_call, concurrency: int, *, num_requests: int | None = None,
+                duration_s: float | None = None, warmup: int = 0, max_errors: int | None = None) -> LoadResult:
+    """Run ``concurrency`` workers in a closed loop until ``num_requests`` requests have been sent or
+    ``duration_s`` seconds have passed (give exactly one). ``make_call()`` runs once per worker, in
+    that worker's thread, and returns a zero-argument callable that performs one request and raises
+    on failure. Each worker first sends ``warmup`` unmeasured requests; the clock starts when every
+    worker has finished its warm-up. A failed request is recorded as ``"ExcType: message"`` and the
+    worker goes on; after ``max_errors`` failures (default: unlimited) the run stops early."""
+    import threading
+
+    if (num_requests is None) == (duration_s is None):
+        raise ValueError("give exactly one of num_requests and duration_s")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    lock = threading.Lock()
+    stop = threading.Event()
+    clock = {"t0": 0.0}
+    latencies: list[float] = []
+    errors: list[str] = []
+    setup_errors: list[BaseException] = []
+    budget = [num_requests]
+    deadline = [math.inf]
+
+    def start_clock():  # runs once, when every worker has warmed up, before any is released
+        clock["t0"] = time.perf_counter()
+        if duration_s is not None:
+            deadline[0] = clock["t0"] + duration_s
+
+    ready = threading.Barrier(concurrency + 1, action=start_clock)
+
+    def take() -> bool:
+        with lock:
+            if stop.is_set() or time.perf_counter() >= deadline[0]:
+                return False
+            if budget[0] is not None:
+                if budget[0] <= 0:
+                    return False
+                budget[0] -= 1
+            return True
+
+    def worker():
+        try:
+            call = make_call()
+            for _ in range(warmup):
+                call()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            setup_errors.append(exc)
+            stop.set()
+            ready.abort()
+            return
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:
+            return
+        while take():
+            started = time.perf_counter()
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - a failed request is data
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {str(exc)[:_ERROR_CHARS]}")
+                    if max_errors is not None and len(errors) >= max_errors:
+                        stop.set()
+                continue
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+
+    threads = [threading.Thread(target=worker, name=f"load-{i}", daemon=True) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - clock["t0"]
+    if setup_errors:
+        exc = setup_errors[0]
+        raise RuntimeError(f"a load worker failed before the run started: {type(exc).__name__}: {exc}") from exc
+    return LoadResult(concurrency, latencies, errors, elapsed)
+
+
+def load_sweep(make_call, concurrency_levels: Sequence[int], *, progress: bool = True, **kw):
+    """One ``closed_loop`` per concurrency level; a pandas DataFrame of ``LoadResult.summary()`` rows.
+    ``kw`` goes to ``closed_loop`` (``num_requests`` or ``duration_s``, ``warmup``, ``max_errors``)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    rows = []
+    levels = list(concurrency_levels)
+    with tqdm(levels, desc="load sweep", unit="level", disable=not progress) as bar:
+        for level in bar:
+            bar.set_postfix(concurrency=level)
+            rows.append(closed_loop(make_call, level, **kw).summary())
+    return pd.DataFrame(rows)
+
+
+def plot_load_sweep(df, by: str | None = None, title: str = ""):
+    """Two panels against concurrency (log x axis): throughput (req/s) and latency p50/p95/p99 (ms).
+    With ``by`` (a column such as ``"config"``), one line per value of that column. Returns the
+    matplotlib Figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator, ScalarFormatter
+
+    groups = [(None, df)] if by is None else list(df.groupby(by, sort=False))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    styles = {"p50_ms": "-", "p95_ms": "--", "p99_ms": ":"}
+    for index, (name, part) in enumerate(groups):
+        part = part.sort_values("concurrency")
+        x = part["concurrency"].to_numpy()
+        color = f"C{index}"
+        prefix = "" if name is None else f"{name} "
+        axes[0].plot(x, part["throughput_rps"].to_numpy(), marker="o", color=color, label=prefix or None)
+        for column, style in styles.items():
+            if column in part:
+                axes[1].plot(x, part[column].to_numpy(), style, marker="o", color=color,
+                             label=f"{prefix}{column[:-3]}")
+    for ax, ylabel, name in ((axes[0], "throughput (req/s)", "Throughput"),
+                             (axes[1], "latency (ms)", "Latency percentiles")):
+        ax.set_xscale("log", base=2)
+        ticks = sorted(set(df["concurrency"]))
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("concurrency (requests in flight)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
