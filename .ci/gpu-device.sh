@@ -3,13 +3,17 @@
 # shared/gpu/README.md beside the checkout; in short:
 # Here:   python3 ../shared/gpu/stage.py     -> .gpu01/ ... .gpuNN/ (wheels, git-ignored)
 # There:  one `run` per part:  mkdir -p /root/stage && cp .gpuNN/* /root/stage/
-#         then, back to back:  bash .ci/gpu-device.sh STEP   (STEP: doctor | nbval | course | tests)
+#         extra wheels staged apart (stage.py --only NAME) travel as a .tar of wheels/ in a part folder
+#         then, back to back:  bash .ci/gpu-device.sh STEP [FILTER]
+#         STEP: doctor | nbval | course | tests; FILTER (course, nbval): a path under 02-Labs, to run
+#         only those solution notebooks, e.g. 02-Labs/Triton_Track (one command may run 10 minutes)
 # Everything worth keeping is written under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ ! -d /root/site/vllm ]; then
   cat /root/stage/part.* | tar -x -C /root
+  for extra in /root/stage/*.tar; do [ -f "$extra" ] && tar -xf "$extra" -C /root; done
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/wheels/*.whl
 fi
 export PYTHONPATH=/root/site:$PWD/src PATH=/root/site/bin:$PATH VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
@@ -21,9 +25,9 @@ case "${1:-doctor}" in
     python3 -m inference_course model
     python3 -m inference_course doctor 2>&1 | tee "$OUT/doctor.txt" ;;
   nbval)    # the committed solution outputs checked on the GPU profile
-    python3 -m pytest 02-Labs "${NBVAL[@]}" 2>&1 | tee "$OUT/nbval.txt" ;;
+    python3 -m pytest "${2:-02-Labs}" "${NBVAL[@]}" 2>&1 | tee "$OUT/nbval.txt" ;;
   course)   # execute every solution notebook on the GPU; outputs written back for committing
-    python3 -m inference_course course --inplace --out /tmp/course-results > "$OUT/course.txt" 2>&1
+    python3 -m inference_course course --inplace --out /tmp/course-results ${2:+--only "$2"} > "$OUT/course.txt" 2>&1
     status=$?
     tail -20 "$OUT/course.txt"
     cp /tmp/course-results/REPORT.md "$OUT/"
