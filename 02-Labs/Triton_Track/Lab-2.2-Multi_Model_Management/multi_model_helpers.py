@@ -1,0 +1,663 @@
+"""Lab 2.2 (Triton track): many models, many versions, and how to change them safely.
+
+What only this lab teaches, written to be read:
+
+- ``LLM_MODEL_PY``: a Python-backend *generate* model around transformers, decoupled (one response per
+  token through ``response_sender``), and ``stream_generate`` that consumes it with gRPC streaming.
+- Model writers: the LLM, a small MLP classifier whose versions live side by side (weights and a
+  ``behavior.json`` per version folder), and a ``sleeper`` whose compute time is set by its config.
+- ``ABGateway``: Triton has no A/B feature; this small router in front of it splits traffic by weight
+  or by a sticky user key and records every outcome.
+- ``bootstrap_diff_ci`` / ``proportion_diff_ci``: confidence intervals with numpy only.
+- ``CanaryController``: shifts traffic to a candidate version in steps, checks health and SLO gates
+  after each step, and promotes or rolls back, logging every decision.
+
+Tensors cross the Python backend through DLPack only: the bundled backend (tritonserver 2.51) mis-sizes
+numpy 2 arrays and its BYTES tensors crash the stub, so text travels as token ids (INT64) and the
+client tokenizes and detokenizes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import random
+import textwrap
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference_course import triton
+
+# Open client connections make tritonserver wait up to 30 s on exit; the labs do not need that.
+EXIT_ARGS = ("--exit-timeout-secs=2",)
+
+
+def start_server(repository, *, model_control_mode: str = "none", load_models=(), extra_args=(), **kw):
+    """``inference_course.triton.triton_server`` with a short exit timeout (use it with ``with``).
+
+    The backend stub links ``libpython3.X.so`` by name; when this interpreter was built with its own
+    shared libpython (pyenv), that library goes on the loader path too, so that the stub runs the same
+    Python as the site-packages it imports (else e.g. ``ssl`` fails with an undefined symbol)."""
+    import sysconfig
+
+    server = triton.triton_server(repository, model_control_mode=model_control_mode, load_models=load_models,
+                                  extra_args=[*EXIT_ARGS, *extra_args], **kw)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and os.path.isdir(libdir):
+        env = dict(server.env or {})
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), libdir]))
+        server.env = env
+    return server
+
+
+# -- the LLM generate model (Python backend, decoupled) ----------------------------------------------
+
+LLM_MODEL_PY = '''
+import json
+
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Token-by-token generation with transformers; one response per new token (decoupled mode)."""
+
+    def initialize(self, args):
+        from transformers import AutoModelForCausalLM
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        gpu = args["model_instance_kind"] == "GPU"
+        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
+        dtype = torch.bfloat16 if gpu else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(params["model_dir"], dtype=dtype).to(self.device).eval()
+        self.temperature = float(params.get("temperature", "0"))
+        self.default_max_tokens = int(params.get("max_tokens", "32"))
+        self.eos = self.model.generation_config.eos_token_id
+        self.eos = set(self.eos if isinstance(self.eos, list) else [self.eos])
+        self.generator = torch.Generator(device=self.device).manual_seed(int(params.get("seed", "0")))
+
+    def _tensor(self, request, name):
+        t = pb_utils.get_input_tensor_by_name(request, name)
+        return None if t is None else from_dlpack(t.to_dlpack())
+
+    @torch.inference_mode()
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                ids = self._tensor(request, "INPUT_IDS").to(torch.int64).reshape(1, -1).to(self.device)
+                limit = self._tensor(request, "MAX_TOKENS")
+                max_tokens = int(limit.reshape(-1)[0]) if limit is not None else self.default_max_tokens
+                past, step_input = None, ids
+                for _ in range(max_tokens):
+                    out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
+                    past, logits = out.past_key_values, out.logits[0, -1].float()
+                    if self.temperature > 0:
+                        probs = torch.softmax(logits / self.temperature, dim=-1)
+                        token = torch.multinomial(probs, 1, generator=self.generator)
+                    else:
+                        token = logits.argmax().reshape(1)
+                    token = token.to(torch.int64).cpu().contiguous()
+                    sender.send(pb_utils.InferenceResponse(
+                        [pb_utils.Tensor.from_dlpack("TOKEN_ID", to_dlpack(token))]))
+                    if int(token[0]) in self.eos:
+                        break
+                    step_input = token.reshape(1, 1).to(self.device)
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as exc:  # the client sees the reason, the stream is closed
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
+
+def llm_config(model_dir: str, *, kind: str = "KIND_CPU", temperature: float = 0.0, max_tokens: int = 32,
+               seed: int = 0) -> str:
+    """config.pbtxt of the generate model: decoupled, token ids in, one TOKEN_ID per response out."""
+    return f'''
+    backend: "python"
+    max_batch_size: 0
+    model_transaction_policy {{ decoupled: true }}
+    input [
+      {{ name: "INPUT_IDS" data_type: TYPE_INT64 dims: [ -1 ] }},
+      {{ name: "MAX_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }}
+    ]
+    output [ {{ name: "TOKEN_ID" data_type: TYPE_INT64 dims: [ 1 ] }} ]
+    instance_group [ {{ kind: {kind} count: 1 }} ]
+    parameters [
+      {{ key: "model_dir" value: {{ string_value: "{model_dir}" }} }},
+      {{ key: "temperature" value: {{ string_value: "{temperature}" }} }},
+      {{ key: "max_tokens" value: {{ string_value: "{max_tokens}" }} }},
+      {{ key: "seed" value: {{ string_value: "{seed}" }} }}
+    ]
+    '''
+
+
+def write_llm_model(repository, name: str, model_dir: str, **config_kw) -> Path:
+    return triton.write_model(repository, name, llm_config(model_dir, **config_kw), LLM_MODEL_PY)
+
+
+@dataclass
+class StreamResult:
+    token_ids: list[int]
+    arrival_s: list[float]  # seconds after the request was sent, one per token
+
+    @property
+    def ttft_s(self) -> float:
+        return self.arrival_s[0] if self.arrival_s else math.nan
+
+    @property
+    def total_s(self) -> float:
+        return self.arrival_s[-1] if self.arrival_s else math.nan
+
+
+def stream_generate(grpc_url: str, model: str, input_ids, max_tokens: int | None = None,
+                    on_token=None, timeout_s: float = 120.0) -> StreamResult:
+    """Send one generate request over a gRPC stream and collect the token responses as they arrive.
+
+    ``on_token(token_id, seconds_since_send)`` runs for each token (e.g. to print it live)."""
+    import tritonclient.grpc as grpcclient
+
+    arrivals: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: arrivals.put((time.perf_counter(), result, error)))
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        inputs = [grpcclient.InferInput("INPUT_IDS", [ids.size], "INT64")]
+        inputs[0].set_data_from_numpy(ids)
+        if max_tokens is not None:
+            inputs.append(grpcclient.InferInput("MAX_TOKENS", [1], "INT32"))
+            inputs[1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+        tokens, times = [], []
+        t0 = time.perf_counter()
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        while True:
+            t, result, error = arrivals.get(timeout=timeout_s)
+            if error is not None:
+                raise RuntimeError(f"generate failed: {error}")
+            response = result.get_response()
+            if response.outputs:
+                token = int(result.as_numpy("TOKEN_ID").reshape(-1)[0])
+                tokens.append(token)
+                times.append(t - t0)
+                if on_token:
+                    on_token(token, t - t0)
+            if response.parameters["triton_final_response"].bool_param:
+                break
+        return StreamResult(tokens, times)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+# -- small non-LLM models ---------------------------------------------------------------------------
+
+CLASSIFIER_CONFIG = '''
+backend: "python"
+max_batch_size: 64
+input [ { name: "FEATURES" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "PROBS" data_type: TYPE_FP32 dims: [ 2 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+'''
+
+CLASSIFIER_MODEL_PY = '''
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """An MLP whose weights (weights.npz) and behaviour (behavior.json) live in the version folder.
+
+    behavior.json can make a version deliberately bad: ``error_rate`` (fraction of requests that
+    fail) and ``delay_ms`` (extra time per execution)."""
+
+    def initialize(self, args):
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        weights = np.load(os.path.join(folder, "weights.npz"))
+        self.layers = [(torch.from_numpy(weights[f"W{i}"].copy()), torch.from_numpy(weights[f"b{i}"].copy()))
+                       for i in range(len(weights.files) // 2)]
+        path = os.path.join(folder, "behavior.json")
+        self.behavior = json.load(open(path)) if os.path.exists(path) else {}
+        self.rng = random.Random(int(args["model_version"]))
+
+    def execute(self, requests):
+        delay = self.behavior.get("delay_ms", 0) / 1000
+        if delay:
+            time.sleep(delay)
+        responses = []
+        for request in requests:
+            if self.rng.random() < self.behavior.get("error_rate", 0):
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("injected failure")))
+                continue
+            x = from_dlpack(pb_utils.get_input_tensor_by_name(request, "FEATURES").to_dlpack()).float()
+            for i, (W, b) in enumerate(self.layers):
+                x = x @ W + b
+                if i < len(self.layers) - 1:
+                    x = torch.relu(x)
+            probs = torch.softmax(x, dim=-1).contiguous()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("PROBS", to_dlpack(probs))]))
+        return responses
+'''
+
+
+def write_classifier_version(repository, name: str, version: int, layers, *, behavior: dict | None = None,
+                             config: str = CLASSIFIER_CONFIG) -> Path:
+    """One version folder of the classifier: model.py, weights.npz (``layers`` = [(W, b), ...]) and
+    behavior.json. Writes config.pbtxt too (shared by all versions of the model)."""
+    model_dir = triton.write_model(repository, name, config, CLASSIFIER_MODEL_PY, version=version)
+    folder = model_dir / str(version)
+    arrays = {}
+    for i, (W, b) in enumerate(layers):
+        arrays[f"W{i}"], arrays[f"b{i}"] = np.asarray(W, np.float32), np.asarray(b, np.float32)
+    np.savez(folder / "weights.npz", **arrays)
+    (folder / "behavior.json").write_text(json.dumps(behavior or {}))
+    return folder
+
+
+def make_moons(n: int, noise: float = 0.2, seed: int = 0):
+    """A labelled 2-class task (two interleaved half circles): features (n, 2) float32, labels (n,)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    angle = rng.uniform(0, math.pi, n)
+    x = np.where(labels == 0, np.cos(angle), 1 - np.cos(angle))
+    y = np.where(labels == 0, np.sin(angle), 0.5 - np.sin(angle))
+    features = np.stack([x, y], axis=1) + rng.normal(0, noise, (n, 2))
+    return features.astype(np.float32), labels.astype(np.int64)
+
+
+def train_mlp(features, labels, hidden: tuple[int, ...] = (), steps: int = 300, lr: float = 0.05, seed: int = 0):
+    """Train a softmax classifier with the given hidden layers (``()`` = logistic regression) with torch;
+    returns [(W, b), ...] as numpy arrays for ``write_classifier_version``."""
+    import torch
+
+    torch.manual_seed(seed)
+    sizes = [2, *hidden, 2]
+    modules = []
+    for i in range(len(sizes) - 1):
+        modules.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            modules.append(torch.nn.ReLU())
+    net = torch.nn.Sequential(*modules)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    x, y = torch.from_numpy(np.asarray(features, np.float32)), torch.from_numpy(np.asarray(labels))
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
+            for m in net if isinstance(m, torch.nn.Linear)]
+
+
+SLEEPER_MODEL_PY = '''
+import json
+import time
+
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Compute time set by the config: each execution sleeps base_ms + per_item_ms * rows in the batch.
+    Sleeping (not computing) keeps the timing deterministic on a 2-core machine."""
+
+    def initialize(self, args):
+        params = json.loads(args["model_config"]).get("parameters", {})
+        self.base = float(params["base_ms"]["string_value"]) / 1000
+        self.per_item = float(params["per_item_ms"]["string_value"]) / 1000
+
+    def execute(self, requests):
+        xs = [from_dlpack(pb_utils.get_input_tensor_by_name(r, "INPUT").to_dlpack()) for r in requests]
+        rows = sum(int(x.shape[0]) for x in xs)
+        time.sleep(self.base + self.per_item * rows)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("OUTPUT", to_dlpack(x.clone()))])
+                for x in xs]
+'''
+
+
+def sleeper_config(*, base_ms: float = 20, per_item_ms: float = 2, max_batch_size: int = 16,
+                   instance_count: int = 1, extra: str = "", instance_extra: str = "") -> str:
+    """config.pbtxt of the sleeper; ``extra`` is appended (e.g. a dynamic_batching block) and
+    ``instance_extra`` goes inside the instance group (e.g. a rate_limiter block)."""
+    return f'''
+    backend: "python"
+    max_batch_size: {max_batch_size}
+    input [ {{ name: "INPUT" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+    output [ {{ name: "OUTPUT" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+    instance_group [ {{ kind: KIND_CPU count: {instance_count} {instance_extra} }} ]
+    parameters [
+      {{ key: "base_ms" value: {{ string_value: "{base_ms}" }} }},
+      {{ key: "per_item_ms" value: {{ string_value: "{per_item_ms}" }} }}
+    ]
+    ''' + textwrap.dedent(extra)
+
+
+def write_sleeper(repository, name: str = "sleeper", **config_kw) -> Path:
+    return triton.write_model(repository, name, sleeper_config(**config_kw), SLEEPER_MODEL_PY)
+
+
+def sleeper_call(http_url: str, model: str = "sleeper", rows: int = 1, priority: int = 0,
+                 timeout_us: int = 0, record: list | None = None):
+    """A ``make_call`` for ``inference_course.bench.closed_loop``: each worker gets its own HTTP client
+    and sends ``rows`` rows per request with the given priority. With ``record``, every finished
+    request appends (priority, latency_s, ok)."""
+    def make_call():
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(http_url)
+        data = np.ones((rows, 4), dtype=np.float32)
+
+        def call():
+            inp = httpclient.InferInput("INPUT", list(data.shape), "FP32")
+            inp.set_data_from_numpy(data, binary_data=True)
+            t0 = time.perf_counter()
+            try:
+                client.infer(model, [inp], priority=priority, timeout=timeout_us or None)
+            except Exception:
+                if record is not None:
+                    record.append((priority, time.perf_counter() - t0, False))
+                raise
+            if record is not None:
+                record.append((priority, time.perf_counter() - t0, True))
+        return call
+    return make_call
+
+
+def model_stats(http_client, model: str) -> dict:
+    """Cumulative counters from Triton's statistics API for the model's versions: inference_count
+    (rows), execution_count (batches run), success/fail counts, and average queue/compute ms."""
+    stats = http_client.get_inference_statistics(model)["model_stats"]
+    out = {"inference_count": 0, "execution_count": 0, "success": 0, "fail": 0, "queue_ns": 0, "compute_ns": 0}
+    for s in stats:
+        out["inference_count"] += int(s.get("inference_count", 0))
+        out["execution_count"] += int(s.get("execution_count", 0))
+        inf = s["inference_stats"]
+        out["success"] += int(inf["success"]["count"])
+        out["fail"] += int(inf["fail"]["count"])
+        out["queue_ns"] += int(inf["queue"]["ns"])
+        out["compute_ns"] += int(inf["compute_infer"]["ns"])
+    return out
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    d = {k: after[k] - before[k] for k in before}
+    d["avg_batch_rows"] = d["inference_count"] / d["execution_count"] if d["execution_count"] else math.nan
+    d["avg_queue_ms"] = d["queue_ns"] / 1e6 / d["success"] if d["success"] else math.nan
+    return d
+
+
+def set_served_versions(http_client, model: str, versions) -> None:
+    """Reload ``model`` with ``version_policy: specific`` = ``versions`` (a config override through the
+    repository API): versions that are not listed are unloaded."""
+    config = http_client.get_model_config(model)
+    config["version_policy"] = {"specific": {"versions": [int(v) for v in versions]}}
+    http_client.load_model(model, config=json.dumps(config))
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident memory (bytes) of a process and all its descendants (the Python backend runs one stub
+    process per model instance)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+# -- the A/B gateway --------------------------------------------------------------------------------
+
+def sticky_bucket(user_id: str, salt: str = "ab") -> float:
+    """A stable number in [0, 1) for a user: the same user always lands in the same bucket."""
+    digest = hashlib.sha256(f"{salt}:{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+@dataclass
+class Outcome:
+    version: str
+    user_id: str | None
+    latency_s: float
+    ok: bool
+    error: str = ""
+    prediction: int | None = None
+    label: int | None = None
+
+    @property
+    def correct(self) -> bool | None:
+        return None if self.label is None or self.prediction is None else self.prediction == self.label
+
+
+class ABGateway:
+    """Routes each request to one version of one Triton model and records the outcome.
+
+    ``weights`` maps version -> share of traffic. With a ``user_id`` the choice is sticky: the user's
+    hash bucket picks the version, so a user keeps seeing one version, and raising a version's weight
+    only moves users *to* it (buckets are laid out in the order of ``weights``). Without one, the choice
+    is random. Thread-safe: each thread gets its own HTTP client."""
+
+    def __init__(self, http_url: str, model: str, weights: dict, *, salt: str = "ab", seed: int = 0):
+        self.http_url, self.model, self.salt = http_url, model, salt
+        self.set_weights(weights)
+        self.outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._rng = random.Random(seed)
+
+    def set_weights(self, weights: dict) -> None:
+        total = sum(weights.values())
+        if total <= 0 or any(w < 0 for w in weights.values()):
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+        self.weights = {str(v): w / total for v, w in weights.items()}
+
+    def choose(self, user_id: str | None = None) -> str:
+        with getattr(self, "_lock", threading.Lock()):
+            u = sticky_bucket(user_id, self.salt) if user_id is not None else self._rng.random()
+        edge = 0.0
+        for version, weight in self.weights.items():
+            edge += weight
+            if u < edge:
+                return version
+        return next(v for v, w in reversed(self.weights.items()) if w > 0)
+
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            import tritonclient.http as httpclient
+
+            client = self._local.client = httpclient.InferenceServerClient(self.http_url)
+        return client
+
+    def infer(self, features, user_id: str | None = None, label: int | None = None) -> Outcome:
+        import tritonclient.http as httpclient
+
+        version = self.choose(user_id)
+        x = np.asarray(features, dtype=np.float32).reshape(1, -1)
+        inp = httpclient.InferInput("FEATURES", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        t0 = time.perf_counter()
+        try:
+            probs = self._client().infer(self.model, [inp], model_version=version).as_numpy("PROBS")
+            outcome = Outcome(version, user_id, time.perf_counter() - t0, True,
+                              prediction=int(np.argmax(probs[0])), label=label)
+        except Exception as exc:  # a failed request is data
+            outcome = Outcome(version, user_id, time.perf_counter() - t0, False, error=str(exc)[:200], label=label)
+        with self._lock:
+            self.outcomes.append(outcome)
+        return outcome
+
+    def table(self, start: int = 0):
+        """The recorded outcomes (from index ``start``) as a pandas DataFrame."""
+        import pandas as pd
+
+        rows = [{**asdict(o), "correct": o.correct} for o in self.outcomes[start:]]
+        return pd.DataFrame(rows, columns=["version", "user_id", "latency_s", "ok", "error", "prediction",
+                                           "label", "correct"])
+
+
+# -- statistics (numpy only) ------------------------------------------------------------------------
+
+def bootstrap_diff_ci(a, b, stat=np.mean, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):
+    """Point estimate and (1 - alpha) percentile-bootstrap interval of stat(b) - stat(a)."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ia = rng.integers(0, a.size, (n_boot, a.size))
+    ib = rng.integers(0, b.size, (n_boot, b.size))
+    if stat is np.mean:
+        diffs = b[ib].mean(axis=1) - a[ia].mean(axis=1)
+    else:
+        diffs = np.array([stat(b[j]) - stat(a[i]) for i, j in zip(ia, ib)])
+    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    return float(stat(b) - stat(a)), float(low), float(high)
+
+
+def proportion_diff_ci(k_a: int, n_a: int, k_b: int, n_b: int, z: float = 1.96):
+    """p_b - p_a with its normal-approximation (Wald) interval; z = 1.96 for 95 %."""
+    p_a, p_b = k_a / n_a, k_b / n_b
+    se = math.sqrt(p_a * (1 - p_a) / n_a + p_b * (1 - p_b) / n_b)
+    return p_b - p_a, p_b - p_a - z * se, p_b - p_a + z * se
+
+
+# -- canary, promote, rollback ----------------------------------------------------------------------
+
+@dataclass
+class Gates:
+    """What a candidate must show at every step: readiness, error rate, and p95 latency."""
+
+    max_error_rate: float = 0.02
+    max_p95_ms: float = 100.0
+    min_requests: int = 30  # candidate requests per step before a gate is judged
+
+
+@dataclass
+class Decision:
+    step: int
+    weight: float
+    requests: int
+    errors: int
+    error_rate: float
+    p95_ms: float
+    action: str  # "continue", "promote" or "rollback"
+    reason: str
+
+
+@dataclass
+class CanaryController:
+    """Shift traffic from ``baseline`` to ``candidate`` through ``steps`` (candidate shares); after
+    each step, judge the candidate's requests of that step against ``gates``. A failed gate rolls back
+    (all traffic to the baseline, and ``on_rollback`` runs, e.g. to unload the candidate); passing the
+    last step promotes (all traffic to the candidate, then ``on_promote``). Every decision is logged.
+
+    ``send()`` sends one request through the gateway (the controller calls it from ``concurrency``
+    threads until the candidate has ``gates.min_requests`` requests in the step)."""
+
+    gateway: ABGateway
+    baseline: str
+    candidate: str
+    send: object
+    gates: Gates = field(default_factory=Gates)
+    steps: tuple = (0.1, 0.25, 0.5, 1.0)
+    concurrency: int = 4
+    max_requests_per_step: int = 2000
+    on_promote: object = None
+    on_rollback: object = None
+    log: object = print
+    decisions: list = field(default_factory=list)
+
+    def _drive_step(self) -> list[Outcome]:
+        start = len(self.gateway.outcomes)
+        lock, count = threading.Lock(), [0]
+
+        def candidate_seen():
+            return sum(1 for o in self.gateway.outcomes[start:] if o.version == self.candidate)
+
+        def worker():
+            while True:
+                with lock:
+                    if count[0] >= self.max_requests_per_step or candidate_seen() >= self.gates.min_requests:
+                        return
+                    count[0] += 1
+                self.send()
+
+        threads = [threading.Thread(target=worker) for _ in range(self.concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return [o for o in self.gateway.outcomes[start:] if o.version == self.candidate]
+
+    def _decide(self, index: int, weight: float, outcomes: list[Outcome], ready: bool) -> Decision:
+        n = len(outcomes)
+        errors = sum(not o.ok for o in outcomes)
+        rate = errors / n if n else math.nan
+        ok_lat = [o.latency_s * 1000 for o in outcomes if o.ok]
+        p95 = float(np.percentile(ok_lat, 95)) if ok_lat else math.nan
+        g = self.gates
+        if not ready:
+            action, reason = "rollback", "candidate not ready (health check failed)"
+        elif n < g.min_requests:
+            action, reason = "rollback", f"only {n} candidate requests < {g.min_requests}: cannot judge"
+        elif rate > g.max_error_rate:
+            action, reason = "rollback", f"error rate {rate:.1%} > {g.max_error_rate:.1%}"
+        elif not p95 <= g.max_p95_ms:
+            action, reason = "rollback", f"p95 {p95:.1f} ms > {g.max_p95_ms:.1f} ms"
+        elif index == len(self.steps) - 1:
+            action, reason = "promote", "all gates passed at every step"
+        else:
+            action, reason = "continue", "gates passed"
+        return Decision(index, weight, n, errors, rate, p95, action, reason)
+
+    def run(self, is_ready=None) -> str:
+        """Run the rollout; returns "promoted" or "rolled back". ``is_ready()`` is the health check
+        (default: Triton's readiness endpoint for the candidate version)."""
+        if is_ready is None:
+            def is_ready():
+                try:
+                    return self.gateway._client().is_model_ready(self.gateway.model, self.candidate)
+                except Exception:
+                    return False
+        for index, weight in enumerate(self.steps):
+            self.gateway.set_weights({self.candidate: weight, self.baseline: 1 - weight})
+            ready = is_ready()
+            outcomes = self._drive_step() if ready else []
+            decision = self._decide(index, weight, outcomes, ready)
+            self.decisions.append(decision)
+            if self.log:
+                self.log(f"step {index} candidate={self.candidate} share={weight:.0%}: n={decision.requests} "
+                         f"errors={decision.errors} p95={decision.p95_ms:.1f} ms -> {decision.action} "
+                         f"({decision.reason})")
+            if decision.action == "rollback":
+                self.gateway.set_weights({self.baseline: 1.0})
+                if self.on_rollback:
+                    self.on_rollback()
+                return "rolled back"
+            if decision.action == "promote":
+                self.gateway.set_weights({self.candidate: 1.0})
+                if self.on_promote:
+                    self.on_promote()
+                return "promoted"
+        return "promoted"
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame([asdict(d) for d in self.decisions])
