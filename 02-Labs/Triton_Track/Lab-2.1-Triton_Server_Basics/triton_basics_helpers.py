@@ -1,0 +1,421 @@
+"""What only Lab 2.1 (Triton Server Basics) teaches, written to be read.
+
+* ``config_pbtxt``: a model's ``config.pbtxt`` built from Python values, one field per line;
+* the lab's PyTorch model (``build_mlp``), served by Triton's Python backend with a ``model.py`` that
+  handles a whole dynamic batch in one forward pass (``write_mlp_model``);
+* the broken model repositories of notebook 02 (``write_broken_models``);
+* the TorchScript artifact that the ``pytorch_libtorch`` backend of NVIDIA's container would serve
+  (``export_torchscript``, ``write_libtorch_model``);
+* readers for what the server reports: statistics (``stats_summary``, ``batch_stats``), Prometheus
+  metrics (``metric_samples``) and perf_analyzer's CSV (``perf_analyzer_command``, ``read_perf_analyzer_csv``).
+
+The server itself comes from ``inference_course.triton`` (binary, ports, start/stop).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+from pathlib import Path
+
+# -- config.pbtxt -----------------------------------------------------------------------------------
+
+
+def tensor(name: str, data_type: str, dims, **extra) -> dict:
+    """One input or output of a model config: name, TYPE_* data type, dims (-1 = variable size)."""
+    spec = {"name": name, "data_type": data_type, "dims": list(dims)}
+    spec.update(extra)
+    return spec
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and (value.startswith("TYPE_") or value.startswith("KIND_")):
+        return value  # enum values are written bare
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[ " + ", ".join(_value(v) for v in value) + " ]"
+    if isinstance(value, dict):
+        return "{ " + " ".join(f"{k}: {_value(v)}" for k, v in value.items()) + " }"
+    return str(value)
+
+
+def config_pbtxt(*, backend: str | None = None, platform: str | None = None, name: str | None = None,
+                 max_batch_size: int = 0, inputs=(), outputs=(), instance_count: int | None = None,
+                 kind: str = "KIND_CPU", gpus=None, dynamic_batching: dict | bool | None = None,
+                 version_policy: str | None = None, parameters: dict | None = None) -> str:
+    """A ``config.pbtxt`` (protobuf text format of Triton's ModelConfig).
+
+    ``dynamic_batching``: ``True`` for the defaults, or a dict such as
+    ``{"max_queue_delay_microseconds": 500, "preferred_batch_size": [4, 8]}``.
+    ``version_policy``: the body of the policy, e.g. ``"latest { num_versions: 2 }"``, ``"all { }"`` or
+    ``"specific { versions: [1, 3] }"``. ``parameters``: string key/values the model reads at start.
+    """
+    if not backend and not platform:
+        raise ValueError("give backend (e.g. 'python') or platform (e.g. 'pytorch_libtorch')")
+    lines = []
+    if name:
+        lines.append(f"name: {_value(name)}")
+    if backend:
+        lines.append(f"backend: {_value(backend)}")
+    if platform:
+        lines.append(f"platform: {_value(platform)}")
+    lines.append(f"max_batch_size: {max_batch_size}")
+    if version_policy:
+        lines.append(f"version_policy: {{ {version_policy} }}")
+    for key, specs in (("input", inputs), ("output", outputs)):
+        if specs:
+            body = ",\n".join(f"  {_value(spec)}" for spec in specs)
+            lines.append(f"{key} [\n{body}\n]")
+    if instance_count is not None:
+        group = {"kind": kind, "count": instance_count}
+        if gpus is not None:
+            group["gpus"] = list(gpus)
+        lines.append(f"instance_group [ {_value(group)} ]")
+    if dynamic_batching:
+        body = "" if dynamic_batching is True else " ".join(
+            f"{k}: {_value(v)}" for k, v in dynamic_batching.items())
+        lines.append(f"dynamic_batching {{ {body} }}".replace("{  }", "{ }"))
+    for key, value in (parameters or {}).items():
+        lines.append(f'parameters {{ key: {_value(key)} value: {{ string_value: {_value(str(value))} }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def write_model_dir(repository, name: str, config: str, files: dict | None = None,
+                    versions=(1,)) -> Path:
+    """``<repository>/<name>/config.pbtxt`` and, in every version folder, ``files`` (name -> text or bytes)."""
+    model_dir = Path(repository) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(config)
+    for version in versions:
+        folder = model_dir / str(version)
+        folder.mkdir(exist_ok=True)
+        for filename, content in (files or {}).items():
+            target = folder / filename
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+    return model_dir
+
+
+def tree(root) -> str:
+    """The files under ``root`` as an indented listing (what ``tree`` would print)."""
+    root = Path(root)
+    lines = [root.name + "/"]
+    for path in sorted(root.rglob("*")):
+        if "__pycache__" in path.parts:
+            continue
+        depth = len(path.relative_to(root).parts)
+        lines.append("    " * depth + path.name + ("/" if path.is_dir() else ""))
+    return "\n".join(lines)
+
+
+# -- the lab's PyTorch model ------------------------------------------------------------------------
+
+IN_FEATURES = 64
+NUM_CLASSES = 10
+
+
+def build_mlp(in_features: int, hidden: int, out_features: int):
+    """A three-layer MLP classifier (logits out). The same function is copied into model.py."""
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_features, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, out_features),
+    )
+
+
+def make_mlp(hidden: int, seed: int = 0, in_features: int = IN_FEATURES, out_features: int = NUM_CLASSES):
+    """The lab's model with weights fixed by ``seed``, in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build_mlp(in_features, hidden, out_features).eval()
+
+
+MLP_MODEL_PY = '''
+"""Triton Python-backend model: the lab's MLP, one forward pass per batch of requests.
+
+Triton calls execute() with every request its scheduler collected (more than one only with dynamic
+batching). The inputs are concatenated along the batch axis, run through the model once and split back
+into one response per request. Tensors cross the backend boundary through DLPack (the bundled backend
+mis-sizes numpy 2 arrays; DLPack works with numpy 1 and 2).
+"""
+import json
+
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
+import triton_python_backend_utils as pb_utils
+
+
+{build_mlp}
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {{k: v["string_value"] for k, v in config["parameters"].items()}}
+        if args["model_instance_kind"] == "GPU":
+            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(int(params.get("cpu_threads", "1")))
+        self.model = build_mlp(int(params["in_features"]), int(params["hidden"]), int(params["out_features"]))
+        weights = f"{{args['model_repository']}}/{{args['model_version']}}/weights.pt"
+        self.model.load_state_dict(torch.load(weights, map_location="cpu"))
+        self.model = self.model.eval().to(self.device)
+
+    def execute(self, requests):
+        inputs = [from_dlpack(pb_utils.get_input_tensor_by_name(r, "INPUT__0").to_dlpack()) for r in requests]
+        sizes = [x.shape[0] for x in inputs]
+        batch = torch.cat(inputs).to(self.device)
+        with torch.inference_mode():
+            logits = self.model(batch).cpu()
+        responses = []
+        for part in torch.split(logits, sizes):
+            out = pb_utils.Tensor.from_dlpack("OUTPUT__0", to_dlpack(part.contiguous()))
+            responses.append(pb_utils.InferenceResponse([out]))
+        return responses
+'''
+
+
+def mlp_model_py() -> str:
+    """The model.py source, with ``build_mlp`` copied in so the model folder is self-contained."""
+    source = textwrap.dedent(inspect.getsource(build_mlp))
+    return MLP_MODEL_PY.format(build_mlp=source).lstrip()
+
+
+def mlp_config(*, hidden: int, device: str = "cpu", max_batch_size: int = 32, instance_count: int = 1,
+               dynamic_batching: dict | bool | None = None, in_features: int = IN_FEATURES,
+               out_features: int = NUM_CLASSES) -> str:
+    """config.pbtxt of the MLP: KIND_GPU on GPU 0 when ``device`` is cuda, else KIND_CPU."""
+    on_gpu = device.startswith("cuda")
+    return config_pbtxt(
+        backend="python", max_batch_size=max_batch_size,
+        inputs=[tensor("INPUT__0", "TYPE_FP32", [in_features])],
+        outputs=[tensor("OUTPUT__0", "TYPE_FP32", [out_features])],
+        instance_count=instance_count, kind="KIND_GPU" if on_gpu else "KIND_CPU", gpus=[0] if on_gpu else None,
+        dynamic_batching=dynamic_batching,
+        parameters={"in_features": in_features, "hidden": hidden, "out_features": out_features},
+    )
+
+
+def write_mlp_model(repository, name: str, model, **config_kw) -> Path:
+    """Write the MLP as a Python-backend model: config.pbtxt, 1/model.py, 1/weights.pt (state_dict)."""
+    import io
+
+    import torch
+
+    first, last = model[0], model[-1]
+    config = mlp_config(hidden=first.out_features, in_features=first.in_features,
+                        out_features=last.out_features, **config_kw)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    return write_model_dir(repository, name, config, {"model.py": mlp_model_py(), "weights.pt": buffer.getvalue()})
+
+
+# -- the TorchScript artifact for the pytorch_libtorch backend ----------------------------------------
+
+
+def export_torchscript(model, example, path) -> Path:
+    """``torch.jit.trace`` the model on ``example`` and save it (the file the libtorch backend loads)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        traced = torch.jit.trace(model.eval(), example)
+    traced.save(str(path))
+    return path
+
+
+def libtorch_config(*, max_batch_size: int = 32, in_features: int = IN_FEATURES,
+                    out_features: int = NUM_CLASSES, device: str = "cpu", instance_count: int = 1) -> str:
+    """config.pbtxt for ``platform: "pytorch_libtorch"``. TorchScript has no tensor names, so the backend
+    maps inputs and outputs by position through the naming convention INPUT__<i> / OUTPUT__<i>."""
+    on_gpu = device.startswith("cuda")
+    return config_pbtxt(
+        platform="pytorch_libtorch", max_batch_size=max_batch_size,
+        inputs=[tensor("INPUT__0", "TYPE_FP32", [in_features])],
+        outputs=[tensor("OUTPUT__0", "TYPE_FP32", [out_features])],
+        instance_count=instance_count, kind="KIND_GPU" if on_gpu else "KIND_CPU", gpus=[0] if on_gpu else None,
+        dynamic_batching=True,
+    )
+
+
+def write_libtorch_model(repository, name: str, model, example, **config_kw) -> Path:
+    """``<repository>/<name>/config.pbtxt`` + ``1/model.pt`` (TorchScript), ready for NGC's Triton image."""
+    first, last = model[0], model[-1]
+    model_dir = write_model_dir(repository, name, libtorch_config(
+        in_features=first.in_features, out_features=last.out_features, **config_kw))
+    export_torchscript(model, example, model_dir / "1" / "model.pt")
+    return model_dir
+
+
+# -- broken repositories (notebook 02) ----------------------------------------------------------------
+
+# A Python model that declares what it expects in auto_complete_config, as the ONNX Runtime or TensorRT
+# backends read it from the model file: with auto-complete on, Triton checks config.pbtxt against it.
+SELF_DESCRIBING_MODEL_PY = '''
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(config):
+        """What this model expects; Triton merges it into (and checks it against) config.pbtxt."""
+        config.add_input({"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [4]})
+        config.add_output({"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [4]})
+        config.set_max_batch_size(8)
+        config.set_dynamic_batching()
+        return config
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = from_dlpack(pb_utils.get_input_tensor_by_name(request, "INPUT0").to_dlpack())
+            y = pb_utils.Tensor.from_dlpack("OUTPUT0", to_dlpack((x * 2).contiguous()))
+            responses.append(pb_utils.InferenceResponse([y]))
+        return responses
+'''
+
+SELF_DESCRIBING_FULL_CONFIG = config_pbtxt(
+    backend="python", max_batch_size=8,
+    inputs=[tensor("INPUT0", "TYPE_FP32", [4])], outputs=[tensor("OUTPUT0", "TYPE_FP32", [4])],
+    instance_count=1, dynamic_batching=True,
+)
+
+BROKEN_MODELS = {
+    "dims_mismatch": "config.pbtxt says dims [3]; the model expects [4]",
+    "missing_version": "config.pbtxt but no version folder (1/, 2/, ...)",
+    "wrong_backend": 'backend: "pyhton" (a typo of python)',
+}
+
+
+def write_broken_models(repository) -> dict[str, Path]:
+    """The three broken models of notebook 02, each beside a correct config otherwise."""
+    repository = Path(repository)
+    model = {"model.py": SELF_DESCRIBING_MODEL_PY.lstrip()}
+    made = {}
+    made["dims_mismatch"] = write_model_dir(
+        repository, "dims_mismatch", SELF_DESCRIBING_FULL_CONFIG.replace("[ 4 ]", "[ 3 ]"), model)
+    missing = write_model_dir(repository, "missing_version", SELF_DESCRIBING_FULL_CONFIG, model, versions=())
+    (missing / "model.py").write_text(model["model.py"])  # the file is there, one level too high
+    made["missing_version"] = missing
+    made["wrong_backend"] = write_model_dir(
+        repository, "wrong_backend", SELF_DESCRIBING_FULL_CONFIG.replace('"python"', '"pyhton"'), model)
+    return made
+
+
+# -- what the server reports --------------------------------------------------------------------------
+
+_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def stats_summary(model_stats: dict) -> dict:
+    """One model version's statistics (an entry of ``get_inference_statistics()["model_stats"]``) as
+    counts and average milliseconds per request for each server-side phase."""
+    infer = model_stats["inference_stats"]
+    success = int(infer["success"]["count"])
+    out = {"model": model_stats["name"], "version": model_stats["version"],
+           "requests": success, "failed": int(infer["fail"]["count"]),
+           "inference_count": int(model_stats["inference_count"]),
+           "execution_count": int(model_stats["execution_count"])}
+    for phase in _PHASES:
+        count = int(infer[phase]["count"])
+        out[f"{phase}_ms"] = int(infer[phase]["ns"]) / count / 1e6 if count else 0.0
+    out["avg_batch"] = out["inference_count"] / out["execution_count"] if out["execution_count"] else 0.0
+    return out
+
+
+def batch_stats(model_stats: dict) -> dict[int, int]:
+    """Executions per batch size: how many times the model ran with 1, 2, 3 ... rows."""
+    return {int(entry["batch_size"]): int(entry["compute_infer"]["count"])
+            for entry in model_stats.get("batch_stats", [])}
+
+
+def metric_samples(text: str, prefix: str = "nv_") -> list[dict]:
+    """Prometheus text exposition parsed with prometheus_client: one dict per sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rows = []
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(prefix):
+            continue
+        for sample in family.samples:
+            rows.append({"family": family.name, "type": family.type, "sample": sample.name,
+                         "labels": dict(sample.labels), "value": sample.value})
+    return rows
+
+
+# -- perf_analyzer ------------------------------------------------------------------------------------
+
+
+def perf_analyzer_command(model: str, url: str, csv_path, *, protocol: str = "grpc", concurrency: int = 1,
+                          measurement_interval_ms: int = 3000, max_trials: int = 6, batch_size: int = 1,
+                          binary: str = "perf_analyzer") -> list[str]:
+    """A perf_analyzer (2.60) command: closed loop at one concurrency, results as CSV (latencies in usec)."""
+    return [binary, "-m", model, "-u", url, "-i", protocol, "-b", str(batch_size),
+            "--concurrency-range", f"{concurrency}:{concurrency}",
+            "--measurement-interval", str(measurement_interval_ms), "--max-trials", str(max_trials),
+            "-f", str(csv_path)]
+
+
+def read_perf_analyzer_csv(path):
+    """perf_analyzer's ``-f`` CSV as a DataFrame in the course's units: concurrency, throughput_rps,
+    p50_ms / p90_ms / p95_ms / p99_ms (perf_analyzer writes microseconds), and the server-side parts."""
+    import re
+
+    import pandas as pd
+
+    raw = pd.read_csv(path)
+    out = pd.DataFrame({"concurrency": raw["Concurrency"].astype(int),
+                        "throughput_rps": raw["Inferences/Second"].astype(float)})
+    for column in raw.columns:
+        match = re.fullmatch(r"p(\d+) latency", column.strip())
+        if match:
+            out[f"p{match.group(1)}_ms"] = raw[column].astype(float) / 1000
+    if "Avg latency" in raw:
+        out["mean_ms"] = raw["Avg latency"].astype(float) / 1000
+    for column in ("Server Queue", "Server Compute Infer"):
+        if column in raw:
+            out[column.lower().replace(" ", "_") + "_ms"] = raw[column].astype(float) / 1000
+    return out.sort_values("concurrency").reset_index(drop=True)
+
+
+# -- a versioned model (notebook 02) ------------------------------------------------------------------
+
+# Every version folder holds the same file; the version number decides the factor, so a response tells
+# which version answered.
+SCALER_MODEL_PY = '''
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """OUTPUT0 = version * INPUT0: version 1 copies, version 2 doubles, version 3 triples."""
+
+    def initialize(self, args):
+        self.factor = float(args["model_version"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = from_dlpack(pb_utils.get_input_tensor_by_name(request, "INPUT0").to_dlpack())
+            y = pb_utils.Tensor.from_dlpack("OUTPUT0", to_dlpack((x * self.factor).contiguous()))
+            responses.append(pb_utils.InferenceResponse([y]))
+        return responses
+'''
+
+
+def ready_versions(client, model: str) -> list[int]:
+    """The versions of ``model`` that are READY, from the repository index."""
+    return sorted(int(entry["version"]) for entry in client.get_model_repository_index()
+                  if entry.get("name") == model and entry.get("state") == "READY" and "version" in entry)
