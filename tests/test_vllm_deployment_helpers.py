@@ -179,3 +179,33 @@ def test_compare_with_vllm_bench_ratio():
                                    {"output_throughput": 50.0, "median_ttft_ms": 10.0})
     assert df.loc["output throughput (tok/s)", "ratio (course / vllm)"] == 2.0
     assert math.isnan(df.loc["p99 ITL (ms)", "inference_course.bench"])
+
+
+class WordTokenizer:
+    """One token per word."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [len(w) for w in text.split()]
+
+    def decode(self, ids):
+        return " ".join("x" * i for i in ids)
+
+
+def test_random_token_prompts_have_the_exact_length_and_differ():
+    prompts = H.random_token_prompts(WordTokenizer(), n=5, length=37, seed=1)
+    assert [len(p) for p in prompts] == [37] * 5
+    assert len({tuple(p[:8]) for p in prompts}) == 5
+    assert prompts == H.random_token_prompts(WordTokenizer(), n=5, length=37, seed=1)
+    assert len(H.random_text_prompts(WordTokenizer(), 2, 10)[0].split()) == 10
+
+
+def test_parse_kv_too_small_error_without_estimate():
+    message = ("To serve at least one request with the model's max seq len (4096), (1.5 GiB KV cache is needed, "
+               "which is larger than the available KV cache memory (0.5 GiB). Try increasing ...")
+    assert H.parse_kv_too_small_error(message)["estimated_max_len"] is None
+
+
+def test_cpu_node_total_memory_is_positive_and_at_most_the_machine():
+    import psutil
+
+    assert 0 < H.cpu_node_total_memory() <= psutil.virtual_memory().total * 1.01

