@@ -31,6 +31,14 @@ def test_sticky_buckets_are_stable_and_monotonic():
     assert 0.45 < sum(v == "2" for v in second.values()) / len(users) < 0.55
 
 
+def test_numpy_training_learns_the_task_and_the_mlp_beats_the_linear_model():
+    X, y = mm.make_moons(600, seed=0)
+    Xt, yt = mm.make_moons(600, seed=1)
+    linear = (mm.predict(mm.train_mlp(X, y), Xt) == yt).mean()
+    mlp = (mm.predict(mm.train_mlp(X, y, hidden=16), Xt) == yt).mean()
+    assert 0.75 < linear < mlp and mlp > 0.9
+
+
 def test_confidence_intervals_cover_the_truth_and_detect_a_difference():
     rng = np.random.default_rng(1)
     a, b = rng.normal(10, 1, 400), rng.normal(10.5, 1, 400)
@@ -46,11 +54,11 @@ def test_confidence_intervals_cover_the_truth_and_detect_a_difference():
 def classifier_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     X, y = mm.make_moons(400, seed=0)
-    good = mm.train_mlp(X, y, hidden=(16,), steps=200)
+    good = mm.train_mlp(X, y, hidden=16, steps=300)
     mm.write_classifier_version(repo, "clf", 1, good)
     mm.write_classifier_version(repo, "clf", 2, good)
     mm.write_classifier_version(repo, "clf", 3, good, behavior={"error_rate": 0.3})
-    mm.write_classifier_version(repo, "clf", 4, good, behavior={"delay_ms": 60})
+    mm.write_classifier_version(repo, "clf", 4, good, behavior={"delay_ms": 300})
     config = mm.CLASSIFIER_CONFIG + "version_policy: { all { } }\n"
     (repo / "clf" / "config.pbtxt").write_text(config)
     with mm.start_server(repo, model_control_mode="explicit", load_models=["clf"]) as server:
@@ -81,8 +89,9 @@ def _controller(server, candidate, log):
         i = next(counter) % len(X)
         gw.infer(X[i], user_id=f"u{i}", label=int(y[i]))
 
-    gates = mm.Gates(max_error_rate=0.05, max_p95_ms=40, min_requests=20)
-    return mm.CanaryController(gw, "1", candidate, send, gates=gates, steps=(0.2, 0.5, 1.0), log=log.append), gw
+    gates = mm.Gates(max_error_rate=0.05, max_p95_ms=150, min_requests=20)
+    return mm.CanaryController(gw, "1", candidate, send, gates=gates, steps=(0.2, 0.5, 1.0), log=log.append,
+                               warmup=lambda v: gw.infer(X[0], version=v, record=False)), gw
 
 
 @pytest.mark.parametrize("candidate,expected,why", [("2", "promoted", "all gates"), ("3", "rolled back", "error rate"),
@@ -90,7 +99,7 @@ def _controller(server, candidate, log):
 def test_canary_promotes_the_good_version_and_rolls_back_bad_ones(classifier_server, candidate, expected, why):
     log = []
     controller, gw = _controller(classifier_server, candidate, log)
-    assert controller.run() == expected
+    assert controller.run() == expected, log
     assert why in log[-1]
     final = controller.decisions[-1]
     if expected == "promoted":
@@ -140,9 +149,10 @@ def test_sleeper_batches_with_dynamic_batching_and_rejects_when_queue_full(tmp_p
         client.close()
     assert delta["avg_batch_rows"] > 1.5  # requests were batched
     assert result.errors and "queue" in result.errors[0].lower()  # full queue rejects
-    assert delta["success"] == len(result.latencies_s) + 8 * 0 or delta["success"] >= len(result.latencies_s)
+    assert delta["success"] == len(result.latencies_s) and delta["fail"] == 0  # rejected before a batch
 
 
+@pytest.mark.engine
 def test_llm_streams_one_response_per_token(tmp_path):
     from inference_course.models import resolve_model
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -14,7 +14,9 @@ What only this lab teaches, written to be read:
 
 Tensors cross the Python backend through DLPack only: the bundled backend (tritonserver 2.51) mis-sizes
 numpy 2 arrays and its BYTES tensors crash the stub, so text travels as token ids (INT64) and the
-client tokenizes and detokenizes.
+client tokenizes and detokenizes. The small models use numpy's own DLPack support (a stub that
+imports torch needs seconds to start); the server log then shows a harmless "PyCapsule_GetPointer
+called with incorrect name" traceback per tensor (the backend tries another capsule name first).
 """
 from __future__ import annotations
 
@@ -215,8 +217,6 @@ import random
 import time
 
 import numpy as np
-import torch
-from torch.utils.dlpack import from_dlpack, to_dlpack
 import triton_python_backend_utils as pb_utils
 
 
@@ -224,13 +224,13 @@ class TritonPythonModel:
     """An MLP whose weights (weights.npz) and behaviour (behavior.json) live in the version folder.
 
     behavior.json can make a version deliberately bad: ``error_rate`` (fraction of requests that
-    fail) and ``delay_ms`` (extra time per execution)."""
+    fail) and ``delay_ms`` (extra time per execution). numpy only (a stub that imports torch takes
+    seconds to start); tensors still cross through DLPack (np.from_dlpack / Tensor.from_dlpack)."""
 
     def initialize(self, args):
         folder = os.path.join(args["model_repository"], args["model_version"])
         weights = np.load(os.path.join(folder, "weights.npz"))
-        self.layers = [(torch.from_numpy(weights[f"W{i}"].copy()), torch.from_numpy(weights[f"b{i}"].copy()))
-                       for i in range(len(weights.files) // 2)]
+        self.layers = [(weights[f"W{i}"], weights[f"b{i}"]) for i in range(len(weights.files) // 2)]
         path = os.path.join(folder, "behavior.json")
         self.behavior = json.load(open(path)) if os.path.exists(path) else {}
         self.rng = random.Random(int(args["model_version"]))
@@ -244,13 +244,14 @@ class TritonPythonModel:
             if self.rng.random() < self.behavior.get("error_rate", 0):
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("injected failure")))
                 continue
-            x = from_dlpack(pb_utils.get_input_tensor_by_name(request, "FEATURES").to_dlpack()).float()
+            x = np.from_dlpack(pb_utils.get_input_tensor_by_name(request, "FEATURES")).astype(np.float32)
             for i, (W, b) in enumerate(self.layers):
                 x = x @ W + b
                 if i < len(self.layers) - 1:
-                    x = torch.relu(x)
-            probs = torch.softmax(x, dim=-1).contiguous()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("PROBS", to_dlpack(probs))]))
+                    x = np.maximum(x, 0)
+            e = np.exp(x - x.max(axis=-1, keepdims=True))
+            probs = np.ascontiguousarray(e / e.sum(axis=-1, keepdims=True), dtype=np.float32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("PROBS", probs)]))
         return responses
 '''
 
@@ -280,35 +281,55 @@ def make_moons(n: int, noise: float = 0.2, seed: int = 0):
     return features.astype(np.float32), labels.astype(np.int64)
 
 
-def train_mlp(features, labels, hidden: tuple[int, ...] = (), steps: int = 300, lr: float = 0.05, seed: int = 0):
-    """Train a softmax classifier with the given hidden layers (``()`` = logistic regression) with torch;
-    returns [(W, b), ...] as numpy arrays for ``write_classifier_version``."""
-    import torch
+def train_mlp(features, labels, hidden: int = 0, steps: int = 500, lr: float = 0.05, seed: int = 0):
+    """Train a 2-class softmax classifier with numpy (full-batch Adam): ``hidden=0`` is logistic
+    regression, ``hidden=H`` one ReLU layer of H units. Returns [(W, b), ...] for
+    ``write_classifier_version``."""
+    rng = np.random.default_rng(seed)
+    x, y = np.asarray(features, np.float64), np.asarray(labels)
+    sizes = [x.shape[1], *([hidden] if hidden else []), 2]
+    params = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        params += [rng.normal(0, math.sqrt(2 / n_in), (n_in, n_out)), np.zeros(n_out)]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    onehot = np.eye(2)[y]
+    for t in range(1, steps + 1):
+        acts, h = [x], x
+        for i in range(0, len(params), 2):
+            h = h @ params[i] + params[i + 1]
+            if i < len(params) - 2:
+                h = np.maximum(h, 0)
+            acts.append(h)
+        e = np.exp(h - h.max(axis=1, keepdims=True))
+        grad_out = (e / e.sum(axis=1, keepdims=True) - onehot) / len(x)
+        grads = [None] * len(params)
+        for i in range(len(params) - 2, -1, -2):
+            grads[i], grads[i + 1] = acts[i // 2].T @ grad_out, grad_out.sum(axis=0)
+            if i:
+                grad_out = (grad_out @ params[i].T) * (acts[i // 2] > 0)
+        for j, g in enumerate(grads):  # Adam
+            m[j] = 0.9 * m[j] + 0.1 * g
+            v[j] = 0.999 * v[j] + 0.001 * g * g
+            params[j] -= lr * (m[j] / (1 - 0.9 ** t)) / (np.sqrt(v[j] / (1 - 0.999 ** t)) + 1e-8)
+    return [(params[i].astype(np.float32), params[i + 1].astype(np.float32)) for i in range(0, len(params), 2)]
 
-    torch.manual_seed(seed)
-    sizes = [2, *hidden, 2]
-    modules = []
-    for i in range(len(sizes) - 1):
-        modules.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            modules.append(torch.nn.ReLU())
-    net = torch.nn.Sequential(*modules)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    x, y = torch.from_numpy(np.asarray(features, np.float32)), torch.from_numpy(np.asarray(labels))
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-    return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
-            for m in net if isinstance(m, torch.nn.Linear)]
+
+def predict(layers, features):
+    """The classifier's forward pass in numpy (what the served model computes): class ids."""
+    h = np.asarray(features, np.float32)
+    for i, (W, b) in enumerate(layers):
+        h = h @ W + b
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0)
+    return h.argmax(axis=1)
 
 
 SLEEPER_MODEL_PY = '''
 import json
 import time
 
-import torch
-from torch.utils.dlpack import from_dlpack, to_dlpack
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
@@ -322,10 +343,10 @@ class TritonPythonModel:
         self.per_item = float(params["per_item_ms"]["string_value"]) / 1000
 
     def execute(self, requests):
-        xs = [from_dlpack(pb_utils.get_input_tensor_by_name(r, "INPUT").to_dlpack()) for r in requests]
+        xs = [np.from_dlpack(pb_utils.get_input_tensor_by_name(r, "INPUT")) for r in requests]
         rows = sum(int(x.shape[0]) for x in xs)
         time.sleep(self.base + self.per_item * rows)
-        return [pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("OUTPUT", to_dlpack(x.clone()))])
+        return [pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("OUTPUT", x.copy())])
                 for x in xs]
 '''
 
@@ -352,10 +373,11 @@ def write_sleeper(repository, name: str = "sleeper", **config_kw) -> Path:
 
 
 def sleeper_call(http_url: str, model: str = "sleeper", rows: int = 1, priority: int = 0,
-                 timeout_us: int = 0, record: list | None = None):
+                 timeout_us: int = 0, record: list | None = None, backoff_s: float = 0.01):
     """A ``make_call`` for ``inference_course.bench.closed_loop``: each worker gets its own HTTP client
     and sends ``rows`` rows per request with the given priority. With ``record``, every finished
-    request appends (priority, latency_s, ok)."""
+    request appends (priority, latency_s, ok). A rejected request waits ``backoff_s`` before the
+    worker goes on (as real clients back off), so rejections do not turn into a busy loop."""
     def make_call():
         import tritonclient.http as httpclient
 
@@ -371,6 +393,7 @@ def sleeper_call(http_url: str, model: str = "sleeper", rows: int = 1, priority:
             except Exception:
                 if record is not None:
                     record.append((priority, time.perf_counter() - t0, False))
+                time.sleep(backoff_s)
                 raise
             if record is not None:
                 record.append((priority, time.perf_counter() - t0, True))
@@ -487,10 +510,13 @@ class ABGateway:
             client = self._local.client = httpclient.InferenceServerClient(self.http_url)
         return client
 
-    def infer(self, features, user_id: str | None = None, label: int | None = None) -> Outcome:
+    def infer(self, features, user_id: str | None = None, label: int | None = None, *,
+              version: str | None = None, record: bool = True) -> Outcome:
+        """Route (or send to ``version``), call Triton, and record the outcome (unless ``record`` is
+        False, e.g. for warm-up requests)."""
         import tritonclient.http as httpclient
 
-        version = self.choose(user_id)
+        version = str(version) if version is not None else self.choose(user_id)
         x = np.asarray(features, dtype=np.float32).reshape(1, -1)
         inp = httpclient.InferInput("FEATURES", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=True)
@@ -501,8 +527,9 @@ class ABGateway:
                               prediction=int(np.argmax(probs[0])), label=label)
         except Exception as exc:  # a failed request is data
             outcome = Outcome(version, user_id, time.perf_counter() - t0, False, error=str(exc)[:200], label=label)
-        with self._lock:
-            self.outcomes.append(outcome)
+        if record:
+            with self._lock:
+                self.outcomes.append(outcome)
         return outcome
 
     def table(self, start: int = 0):
@@ -578,6 +605,7 @@ class CanaryController:
     steps: tuple = (0.1, 0.25, 0.5, 1.0)
     concurrency: int = 4
     max_requests_per_step: int = 2000
+    warmup: object = None  # e.g. lambda version: gateway.infer(x, version=version, record=False)
     on_promote: object = None
     on_rollback: object = None
     log: object = print
@@ -635,6 +663,10 @@ class CanaryController:
                     return self.gateway._client().is_model_ready(self.gateway.model, self.candidate)
                 except Exception:
                     return False
+        if self.warmup is not None and is_ready():
+            for version in (self.baseline, self.candidate):  # first requests pay connection set-up
+                for _ in range(3):
+                    self.warmup(version)
         for index, weight in enumerate(self.steps):
             self.gateway.set_weights({self.candidate: weight, self.baseline: 1 - weight})
             ready = is_ready()
