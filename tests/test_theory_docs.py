@@ -9,6 +9,8 @@
 - Every footnote reference has a definition.
 - Mermaid blocks are non-empty and start with a known diagram type; code fences are closed.
 - Both documents exist, and each has exercises in every numbered section, a glossary and an appendix.
+- Computed numbers (parameter counts, KV bytes, speculative decoding tables, burn rates) are recomputed,
+  and the numbers quoted from Lab 2.1 notebook 01 are compared with that notebook's committed outputs.
 
 Each failure message names the file, the line and the exact link or mention that is broken.
 """
@@ -299,6 +301,108 @@ def test_document_structure(name):
     if mermaid_block_count(path) == 0:
         problems.append(f"01-Theory/{name}: no Mermaid diagram")
     assert not problems, _report(problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers: computed ones are recomputed, measured ones are compared with the committed notebook
+# --------------------------------------------------------------------------------------------------
+
+FIRST_INFERENCE = LABS / "vLLM_Track/Lab-2.1-vLLM_Deployment/solutions/01-First_Inference.ipynb"
+
+
+def _doc(name: str) -> str:
+    return (THEORY / name).read_text(encoding="utf-8")
+
+
+def _missing(text: str, snippets) -> list[str]:
+    return [s for s in snippets if s not in text]
+
+
+def test_computed_parameter_and_kv_numbers_match_the_package():
+    """Parameter counts and KV bytes/token quoted in 2.1 and 2.2 follow from models.py's shapes."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from inference_course.models import SHAPES, parameter_count
+
+    llama = SHAPES["llama-3.1-8b"]
+    n = parameter_count(llama)
+    kv = 2 * llama["num_hidden_layers"] * llama["num_key_value_heads"] * llama["head_dim"] * 2
+    qwen = SHAPES["qwen2.5-1.5b"]
+    kv_qwen = 2 * qwen["num_hidden_layers"] * qwen["num_key_value_heads"] * (
+        qwen["hidden_size"] // qwen["num_attention_heads"]) * 2
+    expected_21 = [f"{n:,} 個參數", f"bf16 **{n * 2 / 1e9:.2f} GB**", f"**{kv:,} bytes/token",
+                   f"**{kv_qwen:,} bytes/token**"]
+    expected_22 = [f"（{n:,} 個參數）", f"| BF16 | 2 | {n * 2 / 1e9:.2f} GB | {3.35e12 / (n * 2):.0f} tok/s |",
+                   f"| FP8 / INT8 | 1 | {n / 1e9:.2f} GB | {3.35e12 / n:.0f} tok/s |"]
+    problems = [f"2.1: {s}" for s in _missing(_doc(DOCUMENTS[0]), expected_21)]
+    problems += [f"2.2: {s}" for s in _missing(_doc(DOCUMENTS[1]), expected_22)]
+    assert not problems, "numbers computed from models.py not found in the documents:\n  " + "\n  ".join(problems)
+
+
+def test_speculative_decoding_tables_are_recomputed():
+    """Every row of the two tables in 2.2 section 3.1, from (1 - a^(k+1)) / (1 - a) and the c = 0.05 speedup."""
+    text = _doc(DOCUMENTS[1])
+    rows = []
+    for alpha in (0.3, 0.5, 0.7, 0.9):
+        tokens = [(1 - alpha ** (k + 1)) / (1 - alpha) for k in (1, 2, 4, 8)]
+        speedup = [t / (k * 0.05 + 1) for t, k in zip(tokens, (1, 2, 4, 8))]
+        rows.append(f"| {alpha} | " + " | ".join(f"{t:.2f}" for t in tokens) + " |")
+        rows.append(f"| {alpha} | " + " | ".join(f"{s:.2f}" for s in speedup) + " |")
+    missing = _missing(text, rows)
+    assert not missing, "rows of the speculative decoding tables that do not match the formula:\n  " + "\n  ".join(missing)
+
+
+def test_burn_rate_table_is_recomputed():
+    """Burn rate = budget fraction x 720 h / long window, for the three SRE Workbook rows."""
+    text = _doc(DOCUMENTS[1])
+    expected = [f"= **{0.02 * 720 / 1:g}**", f"= **{0.05 * 720 / 6:g}**", f"= **{0.10 * 720 / 72:g}**",
+                f"{14.4 * 0.1:.2f}%", f"**{14.4 * 0.5:.1f}%**"]
+    missing = _missing(text, expected)
+    assert not missing, f"burn-rate numbers not found: {missing}"
+
+
+def _first_inference_outputs() -> str:
+    import json
+
+    notebook = json.loads(FIRST_INFERENCE.read_text(encoding="utf-8"))
+    chunks = []
+    for cell in notebook["cells"]:
+        for output in cell.get("outputs", []):
+            text = output.get("text") or output.get("data", {}).get("text/plain", "")
+            chunks.append("".join(text) if isinstance(text, list) else text)
+    return "\n".join(chunks)
+
+
+def test_quoted_measurements_match_the_committed_notebook():
+    """The documents quote numbers of one committed run of Lab 2.1 notebook 01 (gpu profile, H100).
+
+    When that notebook is re-run and committed with new outputs, this test lists the new values: update
+    the quoted numbers and everything derived from them (2.1 sections 1.4 and 2.3, answer 1.5-3;
+    2.2 sections 5.1 and 5.3).
+    """
+    if not FIRST_INFERENCE.exists():
+        pytest.skip("Lab 2.1 notebook 01 is not in this checkout")
+    out = _first_inference_outputs()
+    found = {
+        "profile": re.search(r"profile: (\w+)", out),
+        "gpu_gib": re.search(r"GPU: [^\n(]*\(([\d.]+) GiB\)", out),
+        "start_s": re.search(r"vLLM engine start: ([\d.]+) s", out),
+        "batch": re.search(r"batch of (\d+): (\d+) output tokens in ([\d.]+) s -> ([\d,]+) tok/s", out),
+        "seq": re.search(r"one at a time \((\d+) prompts\): (\d+) output tokens in ([\d.]+) s -> ([\d,]+) tok/s", out),
+    }
+    absent = [key for key, match in found.items() if match is None]
+    assert not absent, f"{FIRST_INFERENCE.relative_to(ROOT)} has no outputs for {absent}: run it and commit the outputs"
+    assert found["profile"].group(1) == "gpu", "the documents quote the gpu-profile run of notebook 01"
+    gib, start = found["gpu_gib"].group(1), found["start_s"].group(1)
+    batch_s, batch_tps, seq_tps = found["batch"].group(3), found["batch"].group(4), found["seq"].group(4)
+    expected_21 = [f"**{seq_tps} output tok/s**", f"**{batch_tps} output tok/s**", f"H100 記憶體是 {gib} GiB",
+                   f"花 {batch_s} 秒"]
+    expected_22 = [f"**{start} s**", f"| 一次一個 | {seq_tps} |", f"| {batch_tps} |"]
+    problems = [f"2.1 lacks '{s}'" for s in _missing(_doc(DOCUMENTS[0]), expected_21)]
+    problems += [f"2.2 lacks '{s}'" for s in _missing(_doc(DOCUMENTS[1]), expected_22)]
+    assert not problems, ("the committed notebook 01 shows other numbers than the documents quote "
+                          "(update the quotes and what is computed from them):\n  " + "\n  ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------------
