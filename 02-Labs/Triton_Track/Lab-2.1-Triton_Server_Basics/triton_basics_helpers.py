@@ -358,13 +358,18 @@ def metric_samples(text: str, prefix: str = "nv_") -> list[dict]:
 
 
 def perf_analyzer_command(model: str, url: str, csv_path, *, protocol: str = "grpc", concurrency: int = 1,
-                          measurement_interval_ms: int = 3000, max_trials: int = 6, batch_size: int = 1,
-                          binary: str = "perf_analyzer") -> list[str]:
-    """A perf_analyzer (2.60) command: closed loop at one concurrency, results as CSV (latencies in usec)."""
+                          measurement_interval_ms: int = 3000, max_trials: int = 6, stability_percentage: int = 20,
+                          batch_size: int = 1, binary: str = "perf_analyzer") -> list[str]:
+    """A perf_analyzer (2.60) command: closed loop at one concurrency, results as CSV (latencies in usec).
+
+    perf_analyzer repeats measurement windows until three in a row agree within
+    ``stability_percentage`` (its default 10 % is hard to reach on a small, busy machine), at most
+    ``max_trials`` windows; without a stable result it writes no CSV.
+    """
     return [binary, "-m", model, "-u", url, "-i", protocol, "-b", str(batch_size),
             "--concurrency-range", f"{concurrency}:{concurrency}",
             "--measurement-interval", str(measurement_interval_ms), "--max-trials", str(max_trials),
-            "-f", str(csv_path)]
+            "--stability-percentage", str(stability_percentage), "-f", str(csv_path)]
 
 
 def read_perf_analyzer_csv(path):
