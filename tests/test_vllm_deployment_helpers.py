@@ -209,3 +209,11 @@ def test_cpu_node_total_memory_is_positive_and_at_most_the_machine():
     import psutil
 
     assert 0 < H.cpu_node_total_memory() <= psutil.virtual_memory().total * 1.01
+
+
+def test_wait_for_gpu_memory_release_returns_none_without_a_gpu():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        assert 0.0 <= H.wait_for_gpu_memory_release(1.0, timeout=1) <= 1.0
+    else:
+        assert H.wait_for_gpu_memory_release() is None

@@ -227,9 +227,17 @@ def drive_engine(llm, prompts: Sequence, params, arrivals: Sequence[float], poli
     """Replay ``arrivals`` (seconds from now, ascending) against the engine of a ``vllm.LLM``.
 
     The client adds requests with ``llm.llm_engine.add_request`` according to ``release_order`` and
-    collects outputs with ``llm.llm_engine.step()`` (what ``LLM.generate`` does internally). The engine
-    is the same for both policies; only when requests are handed to it differs."""
+    collects outputs with ``llm.llm_engine.step()`` (what ``LLM.generate`` does internally), asking for
+    an output at every step so that the first token is seen when it is made. The engine is the same for
+    both policies; only when requests are handed to it differs."""
     engine = llm.llm_engine
+    if hasattr(params, "clone"):
+        # LLM.generate sets output_kind=FINAL_ONLY on the params it is given (one output per request,
+        # at the end); the first token's time needs an output at every step.
+        from vllm.sampling_params import RequestOutputKind
+
+        params = params.clone()
+        params.output_kind = RequestOutputKind.CUMULATIVE
     timelines = [Timeline(float(a)) for a in arrivals]
     index_of: dict[str, int] = {}
     next_index, in_flight, done = 0, 0, 0
@@ -454,3 +462,22 @@ def random_token_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[
 def random_text_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
     """Like ``random_token_prompts``, decoded to text (about ``length`` tokens once re-tokenized)."""
     return [tokenizer.decode(ids) for ids in random_token_prompts(tokenizer, n, length, seed)]
+
+
+def wait_for_gpu_memory_release(max_used_fraction: float = 0.5, timeout: float = 60.0) -> float | None:
+    """After ``del llm``, wait until the engine-core process has given its GPU memory back (at most
+    ``max_used_fraction`` of the device in use, or ``timeout`` seconds). Returns the fraction in use
+    at the end; None without a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    deadline = time.monotonic() + timeout
+    while True:
+        free, total = torch.cuda.mem_get_info()
+        used = (total - free) / total
+        if used <= max_used_fraction or time.monotonic() > deadline:
+            return used
+        time.sleep(0.5)
