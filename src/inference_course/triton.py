@@ -112,10 +112,12 @@ def server_env() -> dict[str, str]:
 def triton_server(model_repository: str | os.PathLike, *, model_control_mode: str = "none",
                   load_models: tuple[str, ...] | list[str] = (), extra_args: tuple[str, ...] | list[str] = (),
                   startup_timeout: float = 120.0, strict_model_config: bool = True,
-                  log_verbose: int = 0) -> ManagedServer:
+                  log_verbose: int = 0, exit_timeout_s: int = 5) -> ManagedServer:
     """A real ``tritonserver`` on free loopback ports (HTTP, gRPC, metrics), not yet started.
 
     Use it as a context manager; ``server.ports`` holds ``http``, ``grpc`` and ``metrics``.
+    ``exit_timeout_s``: how long the server waits at shutdown for in-flight requests and open client
+    connections (Triton's default is 30 s; a client left open would make every stop that slow).
     """
     binary = find_tritonserver()
     http, grpc, metrics = free_port(), free_port(), free_port()
@@ -130,6 +132,7 @@ def triton_server(model_repository: str | os.PathLike, *, model_control_mode: st
         f"--model-control-mode={model_control_mode}",
         f"--strict-model-config={'true' if strict_model_config else 'false'}",
         f"--log-verbose={log_verbose}",
+        f"--exit-timeout-secs={exit_timeout_s}",
     ]
     if is_bundled(binary):
         cmd.append(f"--backend-directory={backend_directory()}")
