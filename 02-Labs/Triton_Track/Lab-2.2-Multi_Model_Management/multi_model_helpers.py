@@ -36,20 +36,17 @@ import numpy as np
 
 from inference_course import triton
 
-# Open client connections make tritonserver wait up to 30 s on exit; the labs do not need that.
-EXIT_ARGS = ("--exit-timeout-secs=2",)
-
-
 def start_server(repository, *, model_control_mode: str = "none", load_models=(), extra_args=(), **kw):
-    """``inference_course.triton.triton_server`` with a short exit timeout (use it with ``with``).
+    """``inference_course.triton.triton_server`` with a 2 s exit timeout (use it with ``with``).
 
     The backend stub links ``libpython3.X.so`` by name; when this interpreter was built with its own
     shared libpython (pyenv), that library goes on the loader path too, so that the stub runs the same
     Python as the site-packages it imports (else e.g. ``ssl`` fails with an undefined symbol)."""
     import sysconfig
 
+    kw.setdefault("exit_timeout_s", 2)
     server = triton.triton_server(repository, model_control_mode=model_control_mode, load_models=load_models,
-                                  extra_args=[*EXIT_ARGS, *extra_args], **kw)
+                                  extra_args=list(extra_args), **kw)
     libdir = sysconfig.get_config_var("LIBDIR")
     if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and os.path.isdir(libdir):
         env = dict(server.env or {})
