@@ -75,7 +75,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         gpu = args["model_instance_kind"] == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
-        dtype = torch.bfloat16 if gpu else torch.float32
+        dtype = getattr(torch, params.get("dtype", "float32"))
         self.model = AutoModelForCausalLM.from_pretrained(params["model_dir"], dtype=dtype).to(self.device).eval()
         self.temperature = float(params.get("temperature", "0"))
         self.default_max_tokens = int(params.get("max_tokens", "32"))
@@ -119,8 +119,10 @@ class TritonPythonModel:
 
 
 def llm_config(model_dir: str, *, kind: str = "KIND_CPU", temperature: float = 0.0, max_tokens: int = 32,
-               seed: int = 0) -> str:
-    """config.pbtxt of the generate model: decoupled, token ids in, one TOKEN_ID per response out."""
+               seed: int = 0, dtype: str = "float32") -> str:
+    """config.pbtxt of the generate model: decoupled, token ids in, one TOKEN_ID per response out.
+    ``dtype`` is a torch dtype name; float32 (default) keeps greedy answers identical to a float32
+    reference on CPU or GPU (bfloat16 can change this small model's answers)."""
     return f'''
     backend: "python"
     max_batch_size: 0
@@ -135,7 +137,8 @@ def llm_config(model_dir: str, *, kind: str = "KIND_CPU", temperature: float = 0
       {{ key: "model_dir" value: {{ string_value: "{model_dir}" }} }},
       {{ key: "temperature" value: {{ string_value: "{temperature}" }} }},
       {{ key: "max_tokens" value: {{ string_value: "{max_tokens}" }} }},
-      {{ key: "seed" value: {{ string_value: "{seed}" }} }}
+      {{ key: "seed" value: {{ string_value: "{seed}" }} }},
+      {{ key: "dtype" value: {{ string_value: "{dtype}" }} }}
     ]
     '''
 
