@@ -83,3 +83,13 @@ def test_broken_config_fails_with_the_servers_reason(tmp_path):
         with triton.triton_server(tmp_path, startup_timeout=60):
             pass
     assert "no_such_backend" in str(info.value)
+
+
+def test_server_env_puts_this_interpreters_libpython_first():
+    import sysconfig
+
+    env = triton.server_env()
+    own = sysconfig.get_config_var("LIBDIR")
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        pytest.skip("this interpreter has no shared libpython")
+    assert own in env["LD_LIBRARY_PATH"].split(os.pathsep)

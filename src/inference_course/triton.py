@@ -99,10 +99,18 @@ def backend_directory(python: str | None = None) -> Path:
 def server_env() -> dict[str, str]:
     """Environment for the server: bundled libraries on the loader path, this interpreter first on PATH
     (the Python backend runs models with the ``python3`` it finds there)."""
+    import sysconfig
+
     env: dict[str, str] = {}
     libs = library_dir()
-    if libs:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), os.environ.get("LD_LIBRARY_PATH")]))
+    # The backend stub links libpython3.X.so by name. When this interpreter has its own shared
+    # libpython (pyenv, a venv made from it), put that one first, or the stub loads the system's
+    # libpython of the same minor version and e.g. `import ssl` fails with an undefined symbol.
+    own = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+    dirs = [str(libs) if libs else None, own if own and os.path.isdir(own) else None,
+            os.environ.get("LD_LIBRARY_PATH")]
+    if any(dirs[:2]):
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, dirs))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     paths = [p for p in sys.path if p and os.path.isdir(p)]
     env["PYTHONPATH"] = os.pathsep.join(paths)

@@ -37,22 +37,10 @@ import numpy as np
 from inference_course import triton
 
 def start_server(repository, *, model_control_mode: str = "none", load_models=(), extra_args=(), **kw):
-    """``inference_course.triton.triton_server`` with a 2 s exit timeout (use it with ``with``).
-
-    The backend stub links ``libpython3.X.so`` by name; when this interpreter was built with its own
-    shared libpython (pyenv), that library goes on the loader path too, so that the stub runs the same
-    Python as the site-packages it imports (else e.g. ``ssl`` fails with an undefined symbol)."""
-    import sysconfig
-
+    """``inference_course.triton.triton_server`` with a 2 s exit timeout (use it with ``with``)."""
     kw.setdefault("exit_timeout_s", 2)
-    server = triton.triton_server(repository, model_control_mode=model_control_mode, load_models=load_models,
-                                  extra_args=list(extra_args), **kw)
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and os.path.isdir(libdir):
-        env = dict(server.env or {})
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), libdir]))
-        server.env = env
-    return server
+    return triton.triton_server(repository, model_control_mode=model_control_mode, load_models=load_models,
+                                extra_args=list(extra_args), **kw)
 
 
 # -- the LLM generate model (Python backend, decoupled) ----------------------------------------------
