@@ -254,7 +254,7 @@ def shape_dir(shape: str, tokenizer_from: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(SHAPES[shape], indent=2))
     source = Path(tokenizer_from or ensure_embedded_model())
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (source / name).exists():
             shutil.copy(source / name, out / name)
     return out
