@@ -58,6 +58,9 @@ def setup(seed: int = 0, quiet: bool = False):
     # VLLM_LOGGING_LEVEL=INFO in the environment to see them (the server logs keep everything).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+    # tqdm.auto warns once per kernel when ipywidgets is missing (the GPU machine's runner has none);
+    # progress bars still print as text, and the warning would differ between machines.
+    warnings.filterwarnings("ignore", message="IProgress not found")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the engine's own processes
     lab = find_lab_dir()
     if lab and str(lab) not in sys.path:
