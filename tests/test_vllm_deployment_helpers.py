@@ -136,15 +136,19 @@ def test_drive_engine_records_a_complete_timeline(policy):
 
 
 def test_peak_rss_sees_a_temporary_allocation():
+    import mmap
+    import time
+
+    # A fresh anonymous mapping: a bytearray could reuse heap memory that an allocator (e.g. the
+    # tcmalloc vLLM preloads) kept resident after earlier tests, and then RSS would not move.
     with H.PeakRSS(interval=0.001) as mem:
-        block = bytearray(64 * 2**20)
+        block = mmap.mmap(-1, 64 * 2**20)
         for i in range(0, len(block), 4096):
             block[i] = 1
-        import time
         deadline = time.monotonic() + 10  # on a loaded machine the sampler thread may run late
         while mem.peak - mem.baseline < 48 * 2**20 and time.monotonic() < deadline:
             time.sleep(0.01)
-        del block
+        block.close()
     assert mem.delta >= 48 * 2**20
     assert mem.peak >= mem.baseline
 
