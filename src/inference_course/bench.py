@@ -486,12 +486,26 @@ def _latency_columns(df, metric: str) -> list[tuple[str, str]]:
     return columns
 
 
+def _concurrency_axes(ax, ticks, ylabel: str, title: str) -> None:
+    """A panel against concurrency: log2 x axis with one plain tick per level, y from 0, grid."""
+    from matplotlib.ticker import NullLocator, ScalarFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("concurrency (requests in flight)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+
+
 def plot_sweep(df, title: str = ""):
     """Three panels against concurrency (log x axis): output throughput, TTFT p50/p99, ITL p50/p99.
     Returns the matplotlib Figure (end the notebook line with ``;`` or assign it, else Jupyter shows
     it twice)."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator, ScalarFormatter
 
     df = df.sort_values("concurrency")
     x = df["concurrency"].to_numpy()
@@ -504,15 +518,7 @@ def plot_sweep(df, title: str = ""):
     for ax, columns, ylabel, name in panels:
         for column, label in columns:
             ax.plot(x, df[column].to_numpy(), marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(x)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlabel("concurrency (requests in flight)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(name)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
+        _concurrency_axes(ax, x, ylabel, name)
         if len(columns) > 1:
             ax.legend()
     if title:
@@ -658,7 +664,6 @@ def plot_load_sweep(df, by: str | None = None, title: str = ""):
     With ``by`` (a column such as ``"config"``), one line per value of that column. Returns the
     matplotlib Figure."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator, ScalarFormatter
 
     groups = [(None, df)] if by is None else list(df.groupby(by, sort=False))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -675,16 +680,7 @@ def plot_load_sweep(df, by: str | None = None, title: str = ""):
                              label=f"{prefix}{column[:-3]}")
     for ax, ylabel, name in ((axes[0], "throughput (req/s)", "Throughput"),
                              (axes[1], "latency (ms)", "Latency percentiles")):
-        ax.set_xscale("log", base=2)
-        ticks = sorted(set(df["concurrency"]))
-        ax.set_xticks(ticks)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlabel("concurrency (requests in flight)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(name)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
+        _concurrency_axes(ax, sorted(set(df["concurrency"])), ylabel, name)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     if title:
