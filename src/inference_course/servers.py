@@ -20,6 +20,7 @@ Typical use in a notebook::
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -335,3 +336,37 @@ def prometheus_server(config_file: str | os.PathLike, *, port: int | None = None
     cmd = [binary, f"--config.file={config_file}", f"--web.listen-address={HOST}:{port}",
            f"--storage.tsdb.path={data_dir}", "--web.enable-lifecycle"]
     return ManagedServer("prometheus", cmd, port=port, ready_path="/-/ready", startup_timeout=startup_timeout)
+
+
+def service_server(model: str, *, upstream: str | None = None, keys: dict[str, str] | None = None,
+                   served_name: str = "smollm2", port: int | None = None, profile=None,
+                   rate_limit: float | None = None, rate_burst: int = 10, max_in_flight: int | None = 64,
+                   request_timeout_s: float = 300.0, drain_timeout_s: float = 30.0,
+                   max_body_bytes: int | None = None, env: dict | None = None,
+                   **engine_overrides) -> ManagedServer:
+    """The course's service (``inference_course.service``): architecture (a) with an in-process engine
+    using the profile's settings (plus ``engine_overrides``), or (b) a gateway to ``upstream``.
+    ``keys`` maps tenant -> API key (passed through the environment, not the command line). Ready when
+    ``/ready`` answers 200, i.e. when the model serves."""
+    from .profiles import get_profile
+
+    profile = profile or get_profile()
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "inference_course.service", "--model", model, "--served-model-name", served_name,
+           "--host", HOST, "--port", str(port), "--rate-burst", str(rate_burst),
+           "--max-in-flight", str(max_in_flight or 0), "--request-timeout", str(request_timeout_s),
+           "--drain-timeout", str(drain_timeout_s)]
+    if rate_limit is not None:
+        cmd += ["--rate-limit", str(rate_limit)]
+    if max_body_bytes is not None:
+        cmd += ["--max-body-bytes", str(max_body_bytes)]
+    if upstream:
+        cmd += ["--upstream", upstream]
+    else:
+        for name, value in profile.vllm_engine_kwargs(**engine_overrides).items():
+            cmd += ["--engine-arg", f"{name}={json.dumps(value)}"]
+    service_env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONPATH": _package_root(), **(env or {})}
+    if keys:
+        service_env["COURSE_SERVICE_KEYS"] = ",".join(f"{tenant}:{key}" for tenant, key in keys.items())
+    return ManagedServer("service", cmd, port=port, ready_path="/ready", env=service_env,
+                         startup_timeout=profile.engine_start_timeout_s)

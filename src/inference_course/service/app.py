@@ -1,0 +1,449 @@
+"""The service's FastAPI application: OpenAI routes, probes, metrics, and the policy in front of them.
+
+Order of what a request meets (``PolicyMiddleware``, a plain ASGI middleware so that streaming and
+client disconnects pass through it untouched):
+
+1. a request id (the client's ``X-Request-Id`` if it is sane, else a new one), echoed in the response;
+2. authentication on every path except the probes ``/health`` and ``/ready`` (401);
+3. for the generation routes: the body size (413), draining / engine state (503), the tenant's rate
+   limit (429 + ``Retry-After``), the cap on requests in flight (503 + ``Retry-After``);
+4. the route: validation of the body (422, or 400 for JSON that does not parse or asks for more tokens
+   than the model's context holds; 404 for an unknown model), then the backend.
+
+Every request ends in exactly one JSON access-log line and in the Prometheus metrics (``/metrics``),
+whatever happened to it. API keys never reach a log: the tenant's name does.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .backends import EngineBackend, EngineDead, UpstreamBackend, UpstreamError, stream_error, upstream_error_json
+from .policy import Admission, KeyRing, RateLimiter, retry_after_header
+from .wire import ChatRequest, ChunkWriter, CompletionRequest, error_body
+
+log = logging.getLogger("inference_course.service")
+access_log = logging.getLogger("inference_course.service.access")
+
+OPEN_PATHS = ("/health", "/ready")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+KNOWN_ROUTES = ("/health", "/ready", "/metrics", "/v1/models", *GENERATION_PATHS)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+STATUS_CLIENT_GONE = 499  # nginx's code for "client closed the request": logged, never sent
+
+
+@dataclass
+class ServiceConfig:
+    """Everything the service is started with (``python -m inference_course.service --help``)."""
+
+    model: str
+    served_name: str = "smollm2"
+    upstream: str | None = None          # architecture (b): URL of a `vllm serve`; None: (a) in-process
+    upstream_api_key: str | None = None
+    api_keys: dict[str, str] = field(default_factory=dict)   # key -> tenant; empty: no authentication
+    rate_limit: float | None = None      # requests per second per tenant; None: no limit
+    rate_burst: int = 10
+    max_in_flight: int | None = 64       # admission cap; None: no cap
+    request_timeout_s: float = 300.0
+    max_body_bytes: int = 1 << 20
+    drain_timeout_s: float = 30.0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Metrics:
+    """The service's own Prometheus metrics, in a registry of their own (several apps per process in
+    tests); ``/metrics`` also exports the default registry, where vLLM's engine records ``vllm:*``."""
+
+    def __init__(self, state: "ServiceState"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("service_requests", "Requests by route and status code", ["route", "code"],
+                                registry=r)
+        self.duration = Histogram("service_request_duration_seconds", "Time from request to last byte",
+                                  ["route"], registry=r,
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.ttft = Histogram("service_time_to_first_token_seconds", "Time from request to first token",
+                              registry=r, buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30))
+        self.tokens = Counter("service_output_tokens", "Output tokens sent", registry=r)
+        self.rejections = Counter("service_rejections", "Requests refused, by reason", ["reason"], registry=r)
+        in_flight = Gauge("service_requests_in_flight", "Generation requests admitted and not finished",
+                          registry=r)
+        in_flight.set_function(lambda: state.admission.in_flight)
+        ready = Gauge("service_ready", "1 when the service takes new requests", registry=r)
+        ready.set_function(lambda: 1.0 if state.ready() else 0.0)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import REGISTRY, generate_latest
+
+        return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+
+class ServiceState:
+    def __init__(self, config: ServiceConfig, backend=None):
+        self.config = config
+        self.backend = backend or (UpstreamBackend(config.upstream, config.served_name, config.upstream_api_key)
+                                   if config.upstream else
+                                   EngineBackend(config.model, config.served_name, config.engine_kwargs))
+        self.keys = KeyRing(config.api_keys)
+        self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        self.admission = Admission(config.max_in_flight)
+        self.draining = False
+        self.metrics = Metrics(self)
+        self.tokenizer = None
+
+    def ready(self) -> bool:
+        return self.backend.state == "ready" and not self.draining
+
+
+def _json(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class PolicyMiddleware:
+    """Request ids, authentication, admission, the access log and the request metrics (pure ASGI)."""
+
+    def __init__(self, app, state: ServiceState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state, config = self.state, self.state.config
+        started = time.perf_counter()
+        path, method = scope["path"], scope["method"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        incoming = headers.get("x-request-id", "")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        info = scope.setdefault("state", {})
+        info.update(request_id=request_id, ttft=None, output_tokens=0)
+        status = {"code": None}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        tenant = state.keys.tenant(headers.get("authorization")) if path not in OPEN_PATHS else "-"
+        reject = None
+        admitted = False
+        if tenant is None:
+            reject = (401, "unauthorized", error_body("Invalid or missing API key. Send 'Authorization: Bearer "
+                                                      "<key>'.", "invalid_api_key", 401),
+                      {"WWW-Authenticate": "Bearer"})
+        elif method == "POST" and path in GENERATION_PATHS:
+            reject, receive = await self._admit(tenant, headers, receive)
+            admitted = reject is None
+        try:
+            if reject:
+                code, reason, body, extra = reject
+                state.metrics.rejections.labels(reason).inc()
+                info["reason"] = reason
+                await _json(code, body, extra)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            if admitted:
+                state.admission.leave()
+            code = status["code"] or STATUS_CLIENT_GONE
+            if info.get("client_gone"):
+                code = STATUS_CLIENT_GONE
+            route = path if path in KNOWN_ROUTES else "other"
+            elapsed = time.perf_counter() - started
+            state.metrics.requests.labels(route, str(code)).inc()
+            state.metrics.duration.labels(route).observe(elapsed)
+            if info["ttft"] is not None:
+                state.metrics.ttft.observe(info["ttft"])
+            state.metrics.tokens.inc(info["output_tokens"])
+            access_log.info(json.dumps({
+                "ts": round(time.time(), 3), "request_id": request_id, "tenant": tenant, "method": method,
+                "path": path, "status": code, "duration_ms": round(elapsed * 1000, 2),
+                "ttft_ms": None if info["ttft"] is None else round(info["ttft"] * 1000, 2),
+                "output_tokens": info["output_tokens"], "reason": info.get("reason"),
+                "client": (scope.get("client") or ("-",))[0]}))
+
+    async def _admit(self, tenant: str, headers: dict, receive):
+        """(rejection or None, the receive channel for the app). Reads the body up to the size limit."""
+        state, config = self.state, self.state.config
+        limit = config.max_body_bytes
+        too_large = (413, "body_too_large",
+                     error_body(f"The request body is larger than {limit:,} bytes.", "invalid_request_error", 413),
+                     None)
+        try:
+            if int(headers.get("content-length") or 0) > limit:
+                return too_large, receive
+        except ValueError:
+            return (400, "invalid", error_body("Bad Content-Length header.", "invalid_request_error", 400),
+                    None), receive
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return (STATUS_CLIENT_GONE, "client_gone", error_body("client gone", "client_gone"), None), receive
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return too_large, receive
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: wait for the client to disconnect
+
+        backend_state = state.backend.state
+        if state.draining:
+            return (503, "draining", error_body("The server is shutting down; retry on another replica.",
+                                                "service_unavailable", 503),
+                    {"Retry-After": "1", "Connection": "close"}), replay
+        if backend_state != "ready":
+            reason = "engine_starting" if backend_state == "starting" else "engine_dead"
+            text = ("The model is still loading; retry shortly." if backend_state == "starting"
+                    else "The inference engine is not available.")
+            return (503, reason, error_body(text, "service_unavailable", 503), {"Retry-After": "5"}), replay
+        wait = state.limiter.retry_after(tenant)
+        if wait > 0:
+            return (429, "rate_limited",
+                    error_body(f"Rate limit of {config.rate_limit:g} requests/s (burst {config.rate_burst}) "
+                               f"exceeded for this key; retry after {wait:.2f} s.", "rate_limit_exceeded", 429),
+                    {"Retry-After": retry_after_header(wait)}), replay
+        if not state.admission.try_enter():
+            return (503, "overloaded",
+                    error_body(f"The server is at its limit of {config.max_in_flight} requests in flight; "
+                               "retry shortly.", "service_unavailable", 503),
+                    {"Retry-After": "1"}), replay
+        return None, replay
+
+
+async def _first_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _cancel_on_disconnect(request: Request, work):
+    """Run ``work``; cancel it (which aborts the engine request) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_first_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return None
+
+
+def create_app(config: ServiceConfig, backend=None) -> FastAPI:
+    """The service. The engine (or the upstream) is started in the background by the lifespan, so the
+    probes answer at once: ``/ready`` is 503 until the model can serve."""
+    state = ServiceState(config, backend)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from transformers import AutoTokenizer
+
+        state.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, config.model)
+        starting = asyncio.create_task(state.backend.start())
+        starting.add_done_callback(_exit_if_failed)
+        app.state.starting = starting
+        try:
+            yield
+        finally:
+            starting.cancel()
+            await state.backend.stop()
+
+    app = FastAPI(title="inference-course service", version="1.0",
+                  description="An OpenAI-compatible service in front of vLLM (Lab 2.3).", lifespan=lifespan)
+    app.state.service = state
+    app.add_middleware(PolicyMiddleware, state=state)
+    errors = {code: {"description": text, "content": {"application/json": {}}} for code, text in (
+        (400, "bad request"), (401, "missing or invalid API key"), (404, "unknown model"),
+        (413, "body too large"), (422, "invalid body"), (429, "rate limited"), (503, "unavailable"),
+        (504, "timed out"))}
+    generation = {**errors, 200: {"description": "a JSON response, or server-sent events with stream=true",
+                                  "content": {"application/json": {}, "text/event-stream": {}}}}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return _json(400, error_body("The body is not valid JSON.", "invalid_request_error", 400))
+        parts = [f"{'.'.join(str(x) for x in p['loc'][1:]) or 'body'}: {p['msg']}" for p in problems[:5]]
+        param = ".".join(str(x) for x in problems[0]["loc"][1:]) if problems else None
+        request.scope["state"]["reason"] = "invalid"
+        return _json(422, error_body("Invalid request. " + "; ".join(parts), "invalid_request_error", 422, param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _json(exc.status_code, error_body(str(exc.detail), "invalid_request_error", exc.status_code))
+
+    @app.get("/health", responses={503: errors[503]})
+    async def health():
+        """Liveness: the process answers. 503 only when its in-process engine died (a restart fixes that)."""
+        if state.backend.kind == "engine" and state.backend.state == "dead":
+            return _json(503, {"status": "dead"})
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: errors[503]})
+    async def ready():
+        """Readiness: 200 only when the model serves and the service is not draining."""
+        if state.draining:
+            return _json(503, {"status": "draining"})
+        if state.backend.state != "ready":
+            return _json(503, {"status": state.backend.state})
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=Response, responses={401: errors[401]})
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", responses={401: errors[401]})
+    async def models():
+        return {"object": "list", "data": [{
+            "id": config.served_name, "object": "model", "created": 0, "owned_by": "inference-course",
+            "max_model_len": state.backend.max_model_len}]}
+
+    @app.post("/v1/chat/completions", responses=generation)
+    async def chat(body: ChatRequest, request: Request):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = state.tokenizer.encode(text, add_special_tokens=False)
+        return await _generate("chat", body, prompt_ids, request)
+
+    @app.post("/v1/completions", responses=generation)
+    async def completions(body: CompletionRequest, request: Request):
+        prompt_ids = (list(body.prompt) if isinstance(body.prompt, list)
+                      else state.tokenizer.encode(body.prompt))
+        return await _generate("completion", body, prompt_ids, request)
+
+    async def _generate(kind: str, body, prompt_ids: list[int], request: Request):
+        info = request.scope["state"]
+        if body.model != config.served_name:
+            info["reason"] = "unknown_model"
+            return _json(404, error_body(f"The model '{body.model}' does not exist; this server serves "
+                                         f"'{config.served_name}'.", "invalid_request_error", "model_not_found",
+                                         "model"))
+        limit = state.backend.max_model_len
+        if prompt_ids and isinstance(prompt_ids[0], int) and kind == "completion":
+            vocab = len(state.tokenizer)
+            if any(t < 0 or t >= vocab for t in prompt_ids):
+                info["reason"] = "invalid"
+                return _json(400, error_body(f"Token ids must be in [0, {vocab}).", "invalid_request_error", 400,
+                                             "prompt"))
+        asked = body.requested_tokens()
+        if len(prompt_ids) + (asked or 1) > limit:
+            info["reason"] = "too_long"
+            detail = (f"{len(prompt_ids)} in the prompt" + (f" + {asked} to generate" if asked else "") +
+                      f" = {len(prompt_ids) + (asked or 1)} tokens, more than this model's context of {limit} "
+                      "tokens. Shorten the prompt or lower max_tokens.")
+            return _json(400, error_body(detail, "invalid_request_error", 400,
+                                         "max_tokens" if asked and len(prompt_ids) < limit else "messages"))
+        max_tokens = asked or (limit - len(prompt_ids))
+        from .backends import sampling_kwargs
+
+        sampling = sampling_kwargs(body, max_tokens)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        writer = ChunkWriter(kind, info["request_id"], config.served_name, len(prompt_ids), include_usage)
+        engine_id = f"{info['request_id']}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses ids
+        started = time.perf_counter()
+        timeout = config.request_timeout_s
+        if body.stream:
+            return await _stream(writer, body, prompt_ids, sampling, engine_id, info, started, timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                result = await _cancel_on_disconnect(
+                    request, state.backend.complete(writer, body, prompt_ids, sampling, engine_id))
+        except TimeoutError:
+            info["reason"] = "timeout"
+            return _json(504, error_body(f"No complete answer within {timeout:g} s.", "timeout", 504))
+        except EngineDead as exc:
+            info["reason"] = "engine_dead"
+            return _json(503, error_body(str(exc), "service_unavailable", 503), {"Retry-After": "5"})
+        except UpstreamError as exc:
+            return _json(exc.status, upstream_error_json(exc))
+        if result is None:
+            info["client_gone"] = True
+            info["reason"] = "client_gone"
+            return Response(status_code=STATUS_CLIENT_GONE)
+        info["output_tokens"] = writer.completion_tokens
+        info["ttft"] = time.perf_counter() - started
+        return result
+
+    async def _stream(writer, body, prompt_ids, sampling, engine_id, info, started, timeout):
+        events = state.backend.stream(writer, body, prompt_ids, sampling, engine_id)
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:  # the first event before the headers: an upstream refusal keeps its status code
+            async with asyncio.timeout_at(deadline):
+                first = await anext(events)
+        except TimeoutError:
+            await events.aclose()
+            return _json(504, error_body(f"No answer within {timeout:g} s.", "timeout", 504))
+        except EngineDead as exc:
+            info["reason"] = "engine_dead"
+            return _json(503, error_body(str(exc), "service_unavailable", 503), {"Retry-After": "5"})
+        except UpstreamError as exc:
+            return _json(exc.status, upstream_error_json(exc))
+
+        async def body_iter():
+            try:
+                yield first
+                async with asyncio.timeout_at(deadline):
+                    async for event in events:
+                        if info["ttft"] is None and writer.completion_tokens > 0:
+                            info["ttft"] = time.perf_counter() - started
+                        yield event
+            except TimeoutError:
+                info["reason"] = "timeout"
+                yield stream_error(f"The answer took longer than {timeout:g} s and was cut.", "timeout", 504)
+            except EngineDead as exc:
+                info["reason"] = "engine_dead"
+                yield stream_error(str(exc), "service_unavailable", 503)
+            except asyncio.CancelledError:  # the client went away: the engine request is aborted
+                info["client_gone"] = True
+                info["reason"] = "client_gone"
+                raise
+            finally:
+                info["output_tokens"] = writer.completion_tokens
+                await events.aclose()
+
+        return StreamingResponse(body_iter(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def _exit_if_failed(task: asyncio.Task) -> None:
+    """A service whose engine cannot start is of no use: end the process (the supervisor sees why)."""
+    if task.cancelled() or task.exception() is None:
+        return
+    import os
+    import signal
+
+    log.error("the backend failed to start (%s); exiting", task.exception())
+    os.kill(os.getpid(), signal.SIGTERM)

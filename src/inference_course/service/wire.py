@@ -1,0 +1,177 @@
+"""The OpenAI wire format the service speaks: request bodies (validated) and response chunks.
+
+Requests are pydantic models, so FastAPI validates every field and publishes the schema in
+``/openapi.json`` (which schemathesis then attacks). Numbers are strict: ``"temperature": "0.5"`` is
+refused, not coerced, because a client that sends strings has a bug worth seeing.
+
+Responses follow what the ``openai`` SDK parses and what ``vllm serve`` sends:
+
+* non-streaming: one JSON object (``chat.completion`` / ``text_completion``) with ``usage``;
+* streaming: server-sent events, each ``data: <json>\\n\\n``; for chat, a first chunk carrying only
+  ``{"role": "assistant"}``, then one chunk per piece of text, a last chunk with ``finish_reason``, an
+  optional usage chunk (``choices: []``) when ``stream_options.include_usage`` is set, and the line
+  ``data: [DONE]``. An error after the stream started is sent as ``data: {"error": {...}}``, which the
+  SDK raises as an ``APIError``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+# Bounds of the OpenAI API (temperature 0..2, top_p (0, 1], penalties -2..2, at most 4 stop sequences).
+Temperature = Annotated[StrictFloat | StrictInt, Field(ge=0, le=2)]
+TopP = Annotated[StrictFloat | StrictInt, Field(gt=0, le=1)]
+Penalty = Annotated[StrictFloat | StrictInt, Field(ge=-2, le=2)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class _Common(BaseModel):
+    # Unknown fields are ignored, as the OpenAI API does (clients send fields a server may not know).
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: Annotated[StrictInt, Field(ge=1, le=1, description="only n=1 is served")] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: StrictInt | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    # vLLM's extension (the openai SDK sends it through extra_body): do not stop at end-of-sequence.
+    ignore_eos: StrictBool = False
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Common):
+    prompt: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)]
+    max_tokens: PositiveInt = 16  # the OpenAI default for completions
+
+    def requested_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+def error_body(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> dict:
+    """The OpenAI error object, as the SDK expects it."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def sse(payload: dict | str) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+DONE = sse("[DONE]")
+
+
+@dataclass
+class Delta:
+    """What one engine step added to a request: new text, how many tokens, and whether it ended."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+
+
+class ChunkWriter:
+    """Turns a request's deltas into the chunks (and finally the one response) of the OpenAI API."""
+
+    def __init__(self, kind: Literal["chat", "completion"], request_id: str, model: str, prompt_tokens: int,
+                 include_usage: bool = False):
+        self.kind = kind
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+        self.model = model
+        self.created = int(time.time())
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.include_usage = include_usage
+        self.text: list[str] = []
+        self.finish_reason: str | None = None
+
+    def _chunk(self, choices: list, usage: dict | None = None) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return body
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def opening(self) -> bytes:
+        """The chat stream's first event (the role); nothing for completions."""
+        if self.kind != "chat":
+            return b""
+        return sse(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}]))
+
+    def add(self, delta: Delta) -> bytes:
+        """Record a delta; the event to stream for it (empty when it carries nothing to show)."""
+        self.completion_tokens += delta.tokens
+        self.text.append(delta.text)
+        if delta.finish_reason:
+            self.finish_reason = delta.finish_reason
+        if not delta.text and not delta.finish_reason:
+            return b""
+        if self.kind == "chat":
+            choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {}, "logprobs": None,
+                      "finish_reason": delta.finish_reason}
+        else:
+            choice = {"index": 0, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}
+        return sse(self._chunk([choice]))
+
+    def closing(self) -> bytes:
+        """The usage event (when asked for) and ``[DONE]``."""
+        tail = sse(self._chunk([], self.usage())) if self.include_usage else b""
+        return tail + DONE
+
+    def response(self) -> dict:
+        """The whole non-streaming response."""
+        text = "".join(self.text)
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": self.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage()}
