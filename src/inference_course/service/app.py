@@ -290,11 +290,16 @@ def create_app(config: ServiceConfig, backend=None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         problems = exc.errors()
+        request.scope["state"]["reason"] = "invalid"
         if any(p.get("type") == "json_invalid" for p in problems):
             return _json(400, error_body("The body is not valid JSON.", "invalid_request_error", 400))
-        parts = [f"{'.'.join(str(x) for x in p['loc'][1:]) or 'body'}: {p['msg']}" for p in problems[:5]]
-        param = ".".join(str(x) for x in problems[0]["loc"][1:]) if problems else None
-        request.scope["state"]["reason"] = "invalid"
+
+        def field_of(problem) -> str:  # drop pydantic's union-branch tags ("temperature.float")
+            loc = [str(x) for x in problem["loc"][1:] if x not in ("float", "int", "str", "list[int]", "list[TextPart]")]
+            return ".".join(loc) or "body"
+
+        parts = list(dict.fromkeys(f"{field_of(p)}: {p['msg']}" for p in problems))[:5]
+        param = field_of(problems[0]) if problems else None
         return _json(422, error_body("Invalid request. " + "; ".join(parts), "invalid_request_error", 422, param))
 
     @app.exception_handler(StarletteHTTPException)
