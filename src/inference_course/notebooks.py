@@ -62,6 +62,7 @@ def setup(seed: int = 0, quiet: bool = False):
     # progress bars still print as text, and the warning would differ between machines.
     warnings.filterwarnings("ignore", message="IProgress not found")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the engine's own processes
+    guard_kernel()
     lab = find_lab_dir()
     if lab and str(lab) not in sys.path:
         sys.path.insert(0, str(lab))
@@ -87,6 +88,31 @@ def setup(seed: int = 0, quiet: bool = False):
         print(f"hardware: {info['cpu']} x{info['cpu_cores']}, RAM {info.get('ram_gib', '?')} GiB, GPU: {gpus}")
         print(f"python {info['python']} | {versions}")
     return profile
+
+
+_KERNEL_GUARD = None
+
+
+def guard_kernel():
+    """In a Jupyter kernel, make sure nothing the kernel started outlives it.
+
+    An engine created in the kernel (``vllm.LLM``) runs its EngineCore and workers as child processes.
+    When the kernel dies hard (out-of-memory kill, a restart of an unresponsive kernel, SIGKILL), they
+    were reparented to init and kept the RAM or GPU memory until killed by hand. jupyter_client starts
+    every kernel as the leader of its own process group, and those children stay in that group: this
+    starts (once per kernel) the package's reaper for the group, which ends the group's remaining
+    members when the kernel is gone (SIGTERM, then SIGKILL). Outside a kernel, or in a process that
+    does not lead its group (whose group could hold its parent), it does nothing. Returns the reaper's
+    ``Popen`` or None."""
+    global _KERNEL_GUARD
+    if _KERNEL_GUARD is not None and _KERNEL_GUARD.poll() is None:
+        return _KERNEL_GUARD
+    if "ipykernel" not in sys.modules or os.getpgid(0) != os.getpid():
+        return None
+    from .servers import _start_reaper
+
+    _KERNEL_GUARD = _start_reaper(os.getpid())
+    return _KERNEL_GUARD
 
 
 def format_value(value) -> str:
