@@ -41,6 +41,9 @@ OPEN_PATHS = ("/health", "/ready")
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 KNOWN_ROUTES = ("/health", "/ready", "/metrics", "/v1/models", *GENERATION_PATHS)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# The tags pydantic puts in an error's location for the member of a union that failed ("float",
+# "constrained-str", "list[constrained-str]"); no field of the wire models looks like one.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none)$|[\[\]-]")
 STATUS_CLIENT_GONE = 499  # nginx's code for "client closed the request": logged, never sent
 
 
@@ -295,9 +298,14 @@ def create_app(config: ServiceConfig, backend=None) -> FastAPI:
             return _json(400, error_body("The body is not valid JSON.", "invalid_request_error", 400))
 
         def field_of(problem) -> str:  # drop pydantic's union-branch tags ("temperature.float")
-            loc = [str(x) for x in problem["loc"][1:] if x not in ("float", "int", "str", "list[int]", "list[TextPart]")]
+            loc = [str(x) for x in problem["loc"][1:] if not (isinstance(x, str) and _UNION_TAG.search(x))]
             return ".".join(loc) or "body"
 
+        # A union reports every member that failed ("stop": not a string; "stop.1": too short): a type
+        # mismatch is left out when a deeper problem of the same field says more.
+        where = [field_of(p) for p in problems]
+        problems = [p for p, at in zip(problems, where) if not (
+            p.get("type", "").endswith("_type") and any(o != at and o.startswith(at + ".") for o in where))] or problems
         parts = list(dict.fromkeys(f"{field_of(p)}: {p['msg']}" for p in problems))[:5]
         param = field_of(problems[0]) if problems else None
         return _json(422, error_body("Invalid request. " + "; ".join(parts), "invalid_request_error", 422, param))

@@ -23,11 +23,17 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 # Bounds of the OpenAI API (temperature 0..2, top_p (0, 1], penalties -2..2, at most 4 stop sequences).
-Temperature = Annotated[StrictFloat | StrictInt, Field(ge=0, le=2)]
-TopP = Annotated[StrictFloat | StrictInt, Field(gt=0, le=1)]
-Penalty = Annotated[StrictFloat | StrictInt, Field(ge=-2, le=2)]
+# A strict float takes JSON integers too (2 -> 2.0) but no strings or booleans; the bounds sit on the
+# float itself, not on a union, so that /openapi.json publishes them as minimum/maximum.
+Temperature = Annotated[StrictFloat, Field(ge=0, le=2)]
+TopP = Annotated[StrictFloat, Field(gt=0, le=1)]
+Penalty = Annotated[StrictFloat, Field(ge=-2, le=2)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None
+# vLLM refuses an empty stop string (it would match everywhere).
+StopString = Annotated[StrictStr, Field(min_length=1)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
+# The engine's transport (MessagePack) carries 64-bit integers only; vLLM's own server has these bounds.
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class TextPart(BaseModel):
@@ -60,7 +66,7 @@ class _Common(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     # vLLM's extension (the openai SDK sends it through extra_body): do not stop at end-of-sequence.
