@@ -159,6 +159,16 @@ class PolicyMiddleware:
                 await _json(code, body, extra)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except Exception:
+            # A bug, not the client's fault: log it with its traceback and answer a JSON 500 (logged and
+            # counted as 500, with the request id). Once a response has started the connection is cut.
+            log.exception("request %s failed", request_id)
+            info["reason"] = "internal_error"
+            if status["code"] is not None:
+                raise
+            await _json(500, error_body("Internal server error; the server's log has the details "
+                                        f"(request id {request_id}).", "internal_error", 500))(
+                scope, receive, send_with_id)
         finally:
             if admitted:
                 state.admission.leave()
