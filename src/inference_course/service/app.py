@@ -54,8 +54,9 @@ class ServiceConfig:
     model: str
     served_name: str = "smollm2"
     upstream: str | None = None          # architecture (b): URL of a `vllm serve`; None: (a) in-process
-    upstream_api_key: str | None = None
-    api_keys: dict[str, str] = field(default_factory=dict)   # key -> tenant; empty: no authentication
+    # Secrets stay out of repr(): a config printed in a notebook or logged must not show a key.
+    upstream_api_key: str | None = field(default=None, repr=False)
+    api_keys: dict[str, str] = field(default_factory=dict, repr=False)  # key -> tenant; empty: no authentication
     rate_limit: float | None = None      # requests per second per tenant; None: no limit
     rate_burst: int = 10
     max_in_flight: int | None = 64       # admission cap; None: no cap

@@ -23,13 +23,17 @@ from collections.abc import Callable, Mapping
 def parse_keys(spec: str | None) -> dict[str, str]:
     """``"tenant-a:key1,tenant-b:key2"`` -> ``{"key1": "tenant-a", "key2": "tenant-b"}``."""
     keys: dict[str, str] = {}
-    for item in (spec or "").split(","):
+    for number, item in enumerate((spec or "").split(","), 1):
         item = item.strip()
         if not item:
             continue
         tenant, sep, key = item.partition(":")
+        tenant, key = tenant.strip(), key.strip()
+        # The messages name the entry by its position: an entry without ':' may be a bare key.
         if not sep or not tenant or not key:
-            raise ValueError(f"an API key entry must look like 'tenant:key', got {item.split(':')[0]!r}:…")
+            raise ValueError(f"API key entry {number} must look like 'tenant:key'")
+        if key in keys and keys[key] != tenant:
+            raise ValueError(f"API key entry {number} gives tenant {tenant!r} the key of tenant {keys[key]!r}")
         keys[key] = tenant
     return keys
 
