@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import EngineBackend, EngineDead, UpstreamBackend, UpstreamError, stream_error, upstream_error_json
 from .policy import Admission, KeyRing, RateLimiter, retry_after_header
-from .wire import ChatRequest, ChunkWriter, CompletionRequest, error_body
+from .wire import ChatRequest, ChunkWriter, CompletionRequest, ErrorResponse, ProbeStatus, error_body
 
 log = logging.getLogger("inference_course.service")
 access_log = logging.getLogger("inference_course.service.access")
@@ -294,7 +294,7 @@ def create_app(config: ServiceConfig, backend=None) -> FastAPI:
                   description="An OpenAI-compatible service in front of vLLM (Lab 2.3).", lifespan=lifespan)
     app.state.service = state
     app.add_middleware(PolicyMiddleware, state=state)
-    errors = {code: {"description": text, "content": {"application/json": {}}} for code, text in (
+    errors = {code: {"description": text, "model": ErrorResponse} for code, text in (
         (400, "bad request"), (401, "missing or invalid API key"), (404, "unknown model"),
         (413, "body too large"), (422, "invalid body"), (429, "rate limited"), (503, "unavailable"),
         (504, "timed out"))}
@@ -325,14 +325,16 @@ def create_app(config: ServiceConfig, backend=None) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         return _json(exc.status_code, error_body(str(exc.detail), "invalid_request_error", exc.status_code))
 
-    @app.get("/health", responses={503: errors[503]})
+    probe = {503: {"description": "not live / not ready (the body says why)", "model": ProbeStatus}}
+
+    @app.get("/health", response_model=ProbeStatus, responses=probe)
     async def health():
         """Liveness: the process answers. 503 only when its in-process engine died (a restart fixes that)."""
         if state.backend.kind == "engine" and state.backend.state == "dead":
             return _json(503, {"status": "dead"})
         return {"status": "ok"}
 
-    @app.get("/ready", responses={503: errors[503]})
+    @app.get("/ready", response_model=ProbeStatus, responses=probe)
     async def ready():
         """Readiness: 200 only when the model serves and the service is not draining."""
         if state.draining:
@@ -341,7 +343,9 @@ def create_app(config: ServiceConfig, backend=None) -> FastAPI:
             return _json(503, {"status": state.backend.state})
         return {"status": "ready"}
 
-    @app.get("/metrics", response_class=Response, responses={401: errors[401]})
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        401: errors[401]})
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
 

@@ -93,6 +93,25 @@ class CompletionRequest(_Common):
         return self.max_tokens
 
 
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (documented in /openapi.json; ``error_body`` builds it)."""
+
+    error: ErrorInfo
+
+
+class ProbeStatus(BaseModel):
+    """What ``/health`` and ``/ready`` answer: ``ok``, ``ready``, ``starting``, ``dead`` or ``draining``."""
+
+    status: str
+
+
 def error_body(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> dict:
     """The OpenAI error object, as the SDK expects it."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
