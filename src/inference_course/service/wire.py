@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictStr
 
 # Bounds of the OpenAI API (temperature 0..2, top_p (0, 1], penalties -2..2, at most 4 stop sequences).
 # A strict float takes JSON integers too (2 -> 2.0) but no strings or booleans; the bounds sit on the
@@ -28,12 +28,26 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 Temperature = Annotated[StrictFloat, Field(ge=0, le=2)]
 TopP = Annotated[StrictFloat, Field(gt=0, le=1)]
 Penalty = Annotated[StrictFloat, Field(ge=-2, le=2)]
-PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+def _integral(value):
+    """JSON has one kind of number: 68.0 is the integer 68 for JSON Schema (which /openapi.json speaks)
+    and for vLLM's server; 68.5, "68" and true are still refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _int(**bounds):
+    """A strict integer field (bounds as in ``Field``), published as ``integer`` with minimum/maximum."""
+    return Annotated[int, Field(strict=True, **bounds), BeforeValidator(_integral)]
+
+
+PositiveInt = _int(ge=1)
+TokenId = _int()
 # vLLM refuses an empty stop string (it would match everywhere).
 StopString = Annotated[StrictStr, Field(min_length=1)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 # The engine's transport (MessagePack) carries 64-bit integers only; vLLM's own server has these bounds.
-Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Seed = _int(ge=-(2**63), le=2**63 - 1)
 
 
 class TextPart(BaseModel):
@@ -62,7 +76,7 @@ class _Common(BaseModel):
     model: StrictStr
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    n: Annotated[StrictInt, Field(ge=1, le=1, description="only n=1 is served")] = 1
+    n: _int(ge=1, le=1, description="only n=1 is served") = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
@@ -86,7 +100,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)]
+    prompt: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
     max_tokens: PositiveInt = 16  # the OpenAI default for completions
 
     def requested_tokens(self) -> int | None:
