@@ -240,7 +240,7 @@ def test_failures_are_counted_not_raised(server):
     results, duration = bench.run(server.url, "m-fail", batch, concurrency=3, max_tokens=5)
     assert [r.ok for r in results] == [True, False, True, True, False, True]
     assert all("HTTP 500" in r.error and "injected failure" in r.error for r in results if not r.ok)
-    assert stats(server)["requests"]["m-fail"] == 6  # the SDK's retries are off
+    assert stats(server)["requests"]["m-fail"] == 6  # no retries
     s = bench.summarize(results, duration)
     assert (s["requests"], s["completed"], s["failed"]) == (6, 4, 2)
     assert s["total_output_tokens"] == 4 * 5
@@ -299,21 +299,25 @@ def test_run_inside_a_running_event_loop(server, capsys):
     assert "3/3" in capsys.readouterr().err  # the progress bar counted every request
 
 
-def test_first_run_of_a_fresh_process_is_not_slowed_by_sdk_start_up(server):
-    # The SDK imports and builds much on its first request (30-50 ms here); that must not count as TTFT.
+def test_first_run_of_a_fresh_process_warms_up_elsewhere_and_measures_the_same(server):
+    # A fresh process pays first-use costs on its first request; the warm-up pays them against a local
+    # socket. Behaviour, not a timing threshold: the benchmarked server sees only the workload, and the
+    # first run's TTFT is as plausible as the second's.
     code = textwrap.dedent("""
         import json, statistics, sys
         from inference_course import bench
         medians = []
         for _ in range(2):
             results, _ = bench.run(sys.argv[1], "m-fresh", ["a", "b", "c"], api="chat", concurrency=3, max_tokens=3)
+            assert all(r.ok for r in results), [r.error for r in results]
             medians.append(statistics.median(r.ttft for r in results))
         print(json.dumps(medians))
     """)
     done = subprocess.run([sys.executable, "-c", code, server.url], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     first, second = json.loads(done.stdout.strip().splitlines()[-1])
-    assert first - second < 0.015 and first < FIRST_TOKEN_S + 0.04, (first, second)
+    assert stats(server)["requests"]["m-fresh"] == 6
+    assert FIRST_TOKEN_S <= first < 1.0 and FIRST_TOKEN_S <= second < 1.0, (first, second)
 
 
 def test_sweep_and_plot(server):

