@@ -8,6 +8,8 @@ Notebooks 01-02 (above the marker at the end):
 
 * ``timed_reads``: the raw network reads of a streamed HTTP response, each with its arrival time
   (notebook 01 shows that reads and server-sent events do not line up).
+* ``RecordingTransport``: an httpx transport that keeps the raw bytes of every response body, so that
+  what the ``openai`` client parsed can be compared with what came over the wire.
 * ``chunk_kind``: what one chunk of an OpenAI chat stream carries (role, text, finish, usage).
 * ``openapi_routes``, ``auth_matrix``: every route a live server publishes, asked without and with an
   API key (notebook 02).
@@ -58,6 +60,53 @@ def chunk_kind(event: dict | str) -> str:
     if "role" in delta:
         return "role"
     return "text" if delta.get("content") else "empty"
+
+
+class RecordingTransport:
+    """An httpx transport that keeps a copy of every response body, byte for byte, as the client
+    reads it. Give it to the ``openai`` client (``http_client=httpx.Client(transport=...)``) to see the
+    exact bytes from which the SDK built its objects::
+
+        recorder = RecordingTransport()
+        client = openai.OpenAI(base_url=..., api_key=..., http_client=httpx.Client(transport=recorder))
+        ...
+        recorder.bodies[-1]   # the raw body of the last response
+    """
+
+    def __init__(self, **transport_kwargs):
+        import httpx
+
+        self._inner = httpx.HTTPTransport(**transport_kwargs)
+        self.bodies: list[bytearray] = []
+
+    def handle_request(self, request):
+        import httpx
+
+        response = self._inner.handle_request(request)
+        copy = bytearray()
+        self.bodies.append(copy)
+        inner = response.stream
+
+        class Tee(httpx.SyncByteStream):
+            def __iter__(self):
+                for data in inner:
+                    copy.extend(data)
+                    yield data
+
+            def close(self):
+                inner.close()
+
+        return httpx.Response(response.status_code, headers=response.headers, stream=Tee(),
+                              extensions=response.extensions)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # -- notebook 02: which routes answer without a key ------------------------------------------------

@@ -101,8 +101,11 @@ def serve(config: ServiceConfig, host: str, port: int) -> None:
                 "drained; %d request(s) still in flight; stopping", state.admission.in_flight)
             super().handle_exit(sig, frame)
 
+    # The drain above is the graceful part. When uvicorn then stops, what is still in flight (a request
+    # that outlived the drain, or everything after a second signal) gets 1 s more, not a second
+    # drain_timeout_s: uvicorn's own graceful wait would double the promised bound.
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=max(1, int(config.drain_timeout_s))))
+                                           timeout_graceful_shutdown=1))
     server.run()
 
 
