@@ -101,6 +101,14 @@ def serve(config: ServiceConfig, host: str, port: int) -> None:
                 "drained; %d request(s) still in flight; stopping", state.admission.in_flight)
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)
+            # uvicorn has cancelled what was still in flight; let those requests end (their access-log
+            # line) before the process ends: uvicorn re-raises the signal right after this returns.
+            pending = [task for task in self.server_state.tasks if not task.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
     # The drain above is the graceful part. When uvicorn then stops, what is still in flight (a request
     # that outlived the drain, or everything after a second signal) gets 1 s more, not a second
     # drain_timeout_s: uvicorn's own graceful wait would double the promised bound.

@@ -160,6 +160,10 @@ class PolicyMiddleware:
                 await _json(code, body, extra)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if state.draining and not info.get("reason"):
+                info["reason"] = "shutdown"
+            raise
         except Exception:
             # A bug, not the client's fault: log it with its traceback and answer a JSON 500 (logged and
             # counted as 500, with the request id). Once a response has started the connection is cut.
@@ -452,9 +456,12 @@ def create_app(config: ServiceConfig, backend=None) -> FastAPI:
             except EngineDead as exc:
                 info["reason"] = "engine_dead"
                 yield stream_error(str(exc), "service_unavailable", 503)
-            except asyncio.CancelledError:  # the client went away: the engine request is aborted
-                info["client_gone"] = True
-                info["reason"] = "client_gone"
+            except asyncio.CancelledError:  # the engine request is aborted
+                if state.draining:  # cut by the server's stop (the drain timed out, or a second signal)
+                    info["reason"] = "shutdown"
+                else:  # the client went away
+                    info["client_gone"] = True
+                    info["reason"] = "client_gone"
                 raise
             finally:
                 info["output_tokens"] = writer.completion_tokens
