@@ -121,6 +121,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     # vLLM's periodic stats lines would bury the access log; the engine's warnings and errors stay.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # httpx logs every request at INFO: in architecture (b), one line per upstream health check (1/s).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
     serve(config_from_args(args), args.host, args.port)
 
