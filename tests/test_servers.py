@@ -169,3 +169,12 @@ def test_readiness_ignores_proxy_settings(monkeypatch):
     monkeypatch.delenv("no_proxy", raising=False)
     with _http_server(free_port()) as server:
         assert servers.http_ok(server.url + "/")
+
+
+def test_vllm_server_with_an_api_key_reads_readiness_from_health():
+    # /v1/models answers 401 once a key is set: waiting for it would never end.
+    from inference_course.servers import vllm_server
+
+    assert vllm_server("m", port=1).ready_path == "/v1/models"
+    assert vllm_server("m", port=1, extra_args=["--api-key", "k"]).ready_path == "/health"
+    assert vllm_server("m", port=1, env={"VLLM_API_KEY": "k"}).ready_path == "/health"

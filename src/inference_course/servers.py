@@ -303,7 +303,10 @@ def vllm_server(model: str, *, profile=None, port: int | None = None, extra_args
     cmd += list(extra_args)
     # INFO: notebooks quiet vLLM in their own process (notebooks.setup); the server's log keeps it all,
     # so that ServerError shows the lines that explain a failure.
-    return ManagedServer("vllm", cmd, port=port, ready_path="/v1/models",
+    # /v1/models answers once the engine serves; with an API key it answers 401 instead, so readiness
+    # is then read from /health (vLLM's listener only opens once the engine is up, on 0.24 and 0.32).
+    keyed = "--api-key" in cmd or "VLLM_API_KEY" in (env or {})
+    return ManagedServer("vllm", cmd, port=port, ready_path="/health" if keyed else "/v1/models",
                          startup_timeout=profile.engine_start_timeout_s,
                          env={"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_LOGGING_LEVEL": "INFO", **(env or {})})
 
