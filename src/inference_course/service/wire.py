@@ -46,8 +46,11 @@ TokenId = _int()
 # vLLM refuses an empty stop string (it would match everywhere).
 StopString = Annotated[StrictStr, Field(min_length=1)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
-# The engine's transport (MessagePack) carries 64-bit integers only; vLLM's own server has these bounds.
-Seed = _int(ge=-(2**63), le=2**63 - 1)
+# The engine's transport (MessagePack) carries 64-bit integers only (vLLM's server takes that range), but
+# a JSON reader with doubles (JavaScript, JSON Schema validators) cannot tell 2**63 - 1 from 2**63:
+# the published bound is the largest integer every JSON reader holds exactly.
+JSON_SAFE_INT = 2**53 - 1
+Seed = _int(ge=-JSON_SAFE_INT, le=JSON_SAFE_INT)
 
 
 class TextPart(BaseModel):
