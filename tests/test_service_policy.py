@@ -146,7 +146,7 @@ def _chat(**fields):
     {"top_p": 0}, {"top_p": 1.5}, {"presence_penalty": -2.5}, {"frequency_penalty": 3},
     {"n": 2}, {"n": 0}, {"max_tokens": 0}, {"max_tokens": "8"}, {"max_completion_tokens": 1.5},
     {"stream": "true"}, {"stop": ""}, {"stop": ["a", ""]}, {"stop": ["a", "b", "c", "d", "e"]},
-    {"seed": 2**63}, {"seed": -(2**63) - 1}, {"seed": 1.0},
+    {"seed": 2**63}, {"seed": -(2**63) - 1}, {"seed": 2**53}, {"seed": -(2**53)}, {"seed": 1.5}, {"seed": "1"}, {"max_tokens": 8.5},
     {"messages": []}, {"messages": [{"role": "user"}]}, {"messages": [{"role": "robot", "content": "x"}]},
     {"messages": [{"role": "user", "content": []}]}, {"messages": [{"role": "user", "content": 5}]},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -158,7 +158,7 @@ def test_chat_request_refuses_what_it_should(fields):
 
 
 def test_chat_request_accepts_the_openai_shapes():
-    req = _chat(temperature=0, top_p=1, seed=-(2**63), stop="\n", unknown_field={"a": 1},
+    req = _chat(temperature=0, top_p=1, seed=-(2**53 - 1), stop="\n", unknown_field={"a": 1},
                 messages=[{"role": "system", "content": "Be brief."},
                           {"role": "user", "content": [{"type": "text", "text": "Hello, "},
                                                        {"type": "text", "text": "world"}]}])
@@ -184,6 +184,8 @@ def test_json_schema_publishes_the_bounds():
     assert (props["top_p"]["exclusiveMinimum"], props["top_p"]["maximum"]) == (0, 1)
     assert (props["n"]["minimum"], props["n"]["maximum"]) == (1, 1)
     assert props["messages"]["minItems"] == 1
+    seed = props["seed"]["anyOf"][0]  # bounds a JSON reader with doubles holds exactly
+    assert float(seed["maximum"]) == seed["maximum"] and float(seed["minimum"]) == seed["minimum"]
 
 
 # -- wire: chunks, read by the official openai SDK ---------------------------------------------------
@@ -598,3 +600,89 @@ def test_an_unexpected_error_is_a_json_500_logged_as_500(make_client, caplog):
     client.backend.fail = None
     assert client.post("/v1/chat/completions", headers=ALPHA, json=CHAT).status_code == 200
     assert client.service.admission.in_flight == 0
+
+
+# -- schemathesis against /openapi.json (shared with test_service.py, which runs it on the real engine) --
+
+def fuzz_openapi(base_url: str, headers: list[dict], served_name: str, examples: int,
+                 cap_tokens: int = 4) -> tuple[dict, list[str]]:
+    """schemathesis over every operation of ``base_url``/openapi.json, deterministic (derandomized
+    hypothesis): positive examples (for the served model, at most ``cap_tokens`` to generate, so that
+    the engine's time goes to many cases rather than long answers) and, where there is a body,
+    negative ones. Checks: no 5xx, the documented content type and response schema, and no 422 for
+    data that the schema says is valid. Requests rotate over ``headers`` (one per tenant, each with
+    its own rate-limit bucket). Returns ({(operation, mode, status): count}, [failures])."""
+    import collections
+    import itertools
+
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
+
+    schema = schemathesis.openapi.from_url(base_url + "/openapi.json", headers=headers[0], timeout=60)
+    statuses: collections.Counter = collections.Counter()
+    failures: list[str] = []
+    rotation = itertools.cycle(headers)
+    session = requests.Session()
+    session.trust_env = False
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        modes = [GenerationMode.POSITIVE]
+        if operation.method.upper() == "POST":
+            modes.append(GenerationMode.NEGATIVE)
+        for mode in modes:
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck), print_blob=False,
+                      phases=[Phase.explicit, Phase.generate])  # no shrinking: a failure reports fast
+            def check(case):
+                if mode.is_positive and isinstance(case.body, dict):
+                    case.body["model"] = served_name  # past the 404 for unknown models, into the engine
+                    for name in ("max_tokens", "max_completion_tokens"):
+                        if not isinstance(case.body.get(name), int) or case.body[name] > cap_tokens:
+                            case.body[name] = cap_tokens
+                response = case.call(base_url=base_url, session=session, headers=next(rotation), timeout=120)
+                statuses[(operation.label, mode.value, response.status_code)] += 1
+                case.validate_response(response, checks=[not_a_server_error, response_schema_conformance,
+                                                         content_type_conformance])
+                assert not (mode.is_positive and response.status_code == 422), \
+                    f"schema-valid data refused: {response.text[:400]} for {case.body!r}"
+
+            try:
+                check()
+            except Exception as exc:  # keep going: one report for every operation
+                failures.append(f"{operation.label} ({mode.value}): {type(exc).__name__}: {str(exc)[:2000]}")
+    return dict(statuses), failures
+
+
+@pytest.fixture
+def served_app(model_path):
+    """The app with a ScriptedBackend, behind a real uvicorn (in a thread) on a free port."""
+    import uvicorn
+
+    from inference_course.servers import free_port
+
+    app = create_app(ServiceConfig(model=model_path, api_keys=dict(KEYS)), backend=ScriptedBackend(max_model_len=2048))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: server.started or not thread.is_alive(), 60)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{server.config.port}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(served_app):
+    url, app = served_app
+    statuses, failures = fuzz_openapi(url, [ALPHA, BETA], "smollm2", examples=60)
+    assert failures == [], "\n\n".join(failures)
+    assert {code for (_, _, code) in statuses} <= {200, 400, 404, 413, 422}, statuses
+    for route in ("POST /v1/chat/completions", "POST /v1/completions"):  # the fuzzing got past validation
+        assert statuses.get((route, "positive", 200), 0) >= 10, statuses
+        assert statuses.get((route, "negative", 422), 0) >= 10, statuses
+    assert app.state.service.admission.in_flight == 0
