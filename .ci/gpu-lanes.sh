@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Solution notebooks on a GPU machine with several GPUs, one lane of notebooks per GPU, in parallel.
+# Companion of .ci/gpu-device.sh (same staging: shared/gpu/README.md). The lanes run in their own
+# session, so they outlive the device call that started them (one call may run 10 minutes); executed
+# copies go under /tmp/lanes, outside the repository (each device call copies the working tree anew).
+#   bash .ci/gpu-lanes.sh start "FILTER FILTER" "FILTER" ...   lane i runs its filters in order on GPU i
+#   bash .ci/gpu-lanes.sh wait SECONDS                         wait for the lanes (at most SECONDS), then
+#                                                              copy executed notebooks, reports and logs to $OUT
+# FILTER: a substring of a solution notebook's path (python -m inference_course course --only).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+LANES=/tmp/lanes
+mkdir -p "$OUT" "$LANES"
+if [ ! -d /root/site/vllm ]; then
+  cat /root/stage/part.* | tar -x -C /root
+  for extra in /root/stage/*.tar; do [ -f "$extra" ] && tar -xf "$extra" -C /root; done
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/wheels/*.whl
+fi
+export PYTHONPATH=/root/site:$PWD/src PATH=/root/site/bin:$PATH VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+export COURSE_PROFILE=gpu
+case "${1:-}" in
+  start)
+    shift
+    python3 -m inference_course model > "$LANES/model.log" 2>&1 || { tail -5 "$LANES/model.log"; exit 1; }
+    i=0
+    for lane in "$@"; do
+      # shellcheck disable=SC2086  # the lane's filters are meant to split on spaces
+      setsid nohup bash -c '
+        gpu=$1; shift
+        for f in "$@"; do
+          CUDA_VISIBLE_DEVICES=$gpu python3 -m inference_course course --out "'"$LANES"'/$gpu" --only "$f"
+        done
+        echo LANE-DONE' _ "$i" $lane > "$LANES/lane$i.log" 2>&1 < /dev/null &
+      echo "lane $i (GPU $i): $lane"
+      i=$((i + 1))
+    done ;;
+  wait)
+    deadline=$(( $(date +%s) + ${2:-500} ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+      done_lanes=$(grep -l LANE-DONE "$LANES"/lane*.log 2>/dev/null | wc -l)
+      all_lanes=$(ls "$LANES"/lane*.log 2>/dev/null | wc -l)
+      [ "$done_lanes" -ge "$all_lanes" ] && break
+      sleep 10
+    done
+    for log in "$LANES"/lane*.log; do echo "== $log"; grep -E "^(ok |ERR)|LANE-DONE|Error|error" "$log" | tail -8; done
+    (cd "$LANES" && find . -name '*.ipynb' -path '*Track*' | tar -cf "$OUT/executed.tar" -T -)
+    cat "$LANES"/*/REPORT.md > "$OUT/REPORT.md" 2>/dev/null
+    cp "$LANES"/lane*.log "$OUT/" 2>/dev/null
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+    true ;;
+  *) echo "usage: $0 start LANE... | wait SECONDS"; exit 2 ;;
+esac
