@@ -565,6 +565,7 @@ def test_metrics_count_requests_tokens_and_rejections(make_client):
 def test_timeouts_are_504_or_an_error_event(make_client):
     client = make_client(request_timeout_s=0.3)
     client.backend.gate.clear()
+    before = _metrics(client)
     try:
         answer = client.post("/v1/chat/completions", headers=ALPHA, json=CHAT)
         assert answer.status_code == 504 and answer.json()["error"]["type"] == "timeout"
@@ -575,6 +576,10 @@ def test_timeouts_are_504_or_an_error_event(make_client):
     finally:
         client.backend.gate.set()
     assert client.service.admission.in_flight == 0
+    after = _metrics(client)
+    # the stream kept its 200 on the wire: its cut is counted apart, the 504 is not counted twice
+    cut = ("service_streams_cut_total", (("reason", "timeout"),))
+    assert after.get(cut, 0) - before.get(cut, 0) == 1
 
 
 def test_engine_death_during_a_request_is_503_or_an_error_event(make_client):

@@ -83,6 +83,10 @@ class Metrics:
                               registry=r, buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30))
         self.tokens = Counter("service_output_tokens", "Output tokens sent", registry=r)
         self.rejections = Counter("service_rejections", "Requests refused, by reason", ["reason"], registry=r)
+        # A stream answers 200 before its first token: one cut later (timeout, engine death, the client
+        # leaving, shutdown) keeps its 200 in service_requests_total and is counted here.
+        self.streams_cut = Counter("service_streams_cut", "Streams that started and did not end normally, "
+                                   "by reason", ["reason"], registry=r)
         in_flight = Gauge("service_requests_in_flight", "Generation requests admitted and not finished",
                           registry=r)
         in_flight.set_function(lambda: state.admission.in_flight)
@@ -187,6 +191,8 @@ class PolicyMiddleware:
             if info["ttft"] is not None:
                 state.metrics.ttft.observe(info["ttft"])
             state.metrics.tokens.inc(info["output_tokens"])
+            if info.get("streaming") and info.get("reason"):
+                state.metrics.streams_cut.labels(info["reason"]).inc()
             access_log.info(json.dumps({
                 "ts": round(time.time(), 3), "request_id": request_id, "tenant": tenant, "method": method,
                 "path": path, "status": code, "duration_ms": round(elapsed * 1000, 2),
@@ -413,6 +419,7 @@ def create_app(config: ServiceConfig, backend=None) -> FastAPI:
                     request, state.backend.complete(writer, body, prompt_ids, sampling, engine_id))
         except TimeoutError:
             info["reason"] = "timeout"
+            info["output_tokens"] = writer.completion_tokens  # generated, then thrown away
             return _json(504, error_body(f"No complete answer within {timeout:g} s.", "timeout", 504))
         except EngineDead as exc:
             info["reason"] = "engine_dead"
@@ -443,6 +450,7 @@ def create_app(config: ServiceConfig, backend=None) -> FastAPI:
             return _json(exc.status, upstream_error_json(exc))
 
         async def body_iter():
+            info["streaming"] = True  # the 200 is on its way: a cut from now on is counted apart
             try:
                 yield first
                 async with asyncio.timeout_at(deadline):
