@@ -140,6 +140,9 @@ class PolicyMiddleware:
         status = {"code": None}
 
         async def send_with_id(message):
+            if admitted and message["type"] == "http.response.body" and not message.get("more_body"):
+                release()  # before the last bytes go out: a client that sends its next request as soon as
+                # it has read them must find the slot free (after `finally` it could still be taken)
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 message.setdefault("headers", [])
@@ -149,13 +152,20 @@ class PolicyMiddleware:
         tenant = state.keys.tenant(headers.get("authorization")) if path not in OPEN_PATHS else "-"
         reject = None
         admitted = False
+        held = {"slot": False}
+
+        def release():
+            if held["slot"]:
+                held["slot"] = False
+                state.admission.leave()
+
         if tenant is None:
             reject = (401, "unauthorized", error_body("Invalid or missing API key. Send 'Authorization: Bearer "
                                                       "<key>'.", "invalid_api_key", 401),
                       {"WWW-Authenticate": "Bearer"})
         elif method == "POST" and path in GENERATION_PATHS:
             reject, receive = await self._admit(tenant, headers, receive)
-            admitted = reject is None
+            admitted = held["slot"] = reject is None
         try:
             if reject:
                 code, reason, body, extra = reject
@@ -179,8 +189,7 @@ class PolicyMiddleware:
                                         f"(request id {request_id}).", "internal_error", 500))(
                 scope, receive, send_with_id)
         finally:
-            if admitted:
-                state.admission.leave()
+            release()
             code = status["code"] or STATUS_CLIENT_GONE
             if info.get("client_gone"):
                 code = STATUS_CLIENT_GONE

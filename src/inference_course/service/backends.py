@@ -67,6 +67,7 @@ class EngineBackend:
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=self.model, served_model_name=[self.served_name], disable_log_stats=False,
@@ -75,7 +76,10 @@ class EngineBackend:
             # Building the engine takes tens of seconds (weights, KV cache, warm-up). In a worker thread
             # the event loop keeps answering /health and /ready meanwhile; AsyncLLM starts its output
             # handler on this loop at the first request.
-            self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            # OPENAI_API_SERVER: the defaults `vllm serve` gets (on a large GPU vLLM raises
+            # max_num_batched_tokens and max_num_seqs for an API server, not for ENGINE_CONTEXT).
+            self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args,
+                                                  usage_context=UsageContext.OPENAI_API_SERVER)
         except Exception as exc:
             self.start_error = f"{type(exc).__name__}: {exc}"
             log.error("engine failed to start: %s", self.start_error)
