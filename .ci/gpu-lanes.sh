@@ -2,7 +2,8 @@
 # Solution notebooks on a GPU machine with several GPUs, one lane of notebooks per GPU, in parallel.
 # Companion of .ci/gpu-device.sh (same staging: shared/gpu/README.md). The lanes run in their own
 # session, so they outlive the device call that started them (one call may run 10 minutes); executed
-# copies go under /tmp/lanes, outside the repository (each device call copies the working tree anew).
+# copies go under /tmp/lanes, outside the repository, and the lanes run from a copy of the repository
+# in /tmp/lanes/repo (each device call copies the working tree anew, under any process still in it).
 #   bash .ci/gpu-lanes.sh start "FILTER FILTER" "FILTER" ...   lane i runs its filters in order on GPU i
 #   bash .ci/gpu-lanes.sh wait SECONDS                         wait for the lanes (at most SECONDS), then
 #                                                              copy executed notebooks, reports and logs to $OUT
@@ -21,6 +22,12 @@ export COURSE_PROFILE=gpu
 case "${1:-}" in
   start)
     shift
+    # The lanes run from a copy: every device call copies the working tree anew, and a process whose
+    # working directory was replaced under it fails at its next os.getcwd() (transformers' import does one).
+    rm -rf "$LANES/repo" && mkdir -p "$LANES/repo"
+    tar -c --exclude=./.git --exclude='./.gpu*' --exclude=./.venv . | tar -x -C "$LANES/repo"
+    cd "$LANES/repo" || exit 1
+    export PYTHONPATH=/root/site:$PWD/src
     python3 -m inference_course model > "$LANES/model.log" 2>&1 || { tail -5 "$LANES/model.log"; exit 1; }
     i=0
     for lane in "$@"; do
