@@ -591,7 +591,8 @@ def sweep(base_url: str, model: str, prompts: Sequence, concurrency_levels: Sequ
     percentiles = kw.pop("percentiles", DEFAULT_PERCENTILES)
     rows = []
     levels = list(concurrency_levels)
-    with tqdm(levels, desc="concurrency sweep", unit="level") as bar:
+    # A bar only when asked (progress=True): in a notebook's committed outputs it is noise.
+    with tqdm(levels, desc="concurrency sweep", unit="level", disable=not kw.get("progress", False)) as bar:
         for level in bar:
             bar.set_postfix(concurrency=level)
             results, duration = run(base_url, model, prompts, concurrency=level, **kw)

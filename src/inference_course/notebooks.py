@@ -62,6 +62,11 @@ def setup(seed: int = 0, quiet: bool = False):
     # progress bars still print as text, and the warning would differ between machines.
     warnings.filterwarnings("ignore", message="IProgress not found")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the engine's own processes
+    # transformers 5.17 warns on every load of the embedded model's BPE tokenizer about
+    # clean_up_tokenization_spaces (an advisory about its config, not about this run); errors still show.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
     guard_kernel()
     lab = find_lab_dir()
     if lab and str(lab) not in sys.path:
