@@ -50,7 +50,7 @@ case "${1:-}" in
       sleep 10
     done
     for log in "$LANES"/lane*.log; do echo "== $log"; grep -E "^(ok |ERR)|LANE-DONE|Error|error" "$log" | tail -8; done
-    (cd "$LANES" && find . -name '*.ipynb' -path '*Track*' | tar -cf "$OUT/executed.tar" -T -)
+    (cd "$LANES" && find . -path ./repo -prune -o -name '*.ipynb' -path '*Track*' -print | tar -cf "$OUT/executed.tar" -T -)
     cat "$LANES"/*/REPORT.md > "$OUT/REPORT.md" 2>/dev/null
     cp "$LANES"/lane*.log "$OUT/" 2>/dev/null
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
