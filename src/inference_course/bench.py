@@ -100,6 +100,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -502,6 +503,48 @@ def run(base_url: str, model: str, prompts: Sequence, **kw) -> tuple[list[Reques
         return job()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench") as pool:
         return pool.submit(job).result()
+
+
+# -- workloads --------------------------------------------------------------------------------------
+# Random prompts that share no prefix (used by Lab 2.1 and Lab 2.3 alike).
+
+_FALLBACK_TEXT = ("The model reads the prompt once, then writes one token at a time. Each new token attends to "
+                  "every token before it, so the keys and values of earlier tokens are kept in a cache. ")
+
+
+def corpus_words(folder: str = "/usr/share/common-licenses") -> list[str]:
+    """English words from the license texts every Debian/Ubuntu system ships (offline); a short
+    built-in paragraph where that folder does not exist."""
+    words: list[str] = []
+    root = Path(folder)
+    if root.is_dir():
+        for path in sorted(p for p in root.iterdir() if p.is_file()):
+            try:
+                words += path.read_text(errors="ignore").split()
+            except OSError:
+                continue
+    return words or _FALLBACK_TEXT.split() * 50
+
+
+def random_token_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of exactly ``length`` token ids: random words of ``corpus_words`` (seeded), so that
+    no two prompts share a prefix (vLLM's prefix cache then cannot shortcut the prefill)."""
+    words = corpus_words()
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(n):
+        ids: list[int] = []
+        while len(ids) < length:
+            picked = rng.choice(len(words), size=length)
+            ids += tokenizer.encode(" ".join(words[i] for i in picked), add_special_tokens=False)
+        prompts.append(ids[:length])
+    return prompts
+
+
+def random_text_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
+    """Like ``random_token_prompts``, decoded to text (about ``length`` tokens once re-tokenized)."""
+    return [tokenizer.decode(ids) for ids in random_token_prompts(tokenizer, n, length, seed)]
+
 
 
 # -- metrics ----------------------------------------------------------------------------------------

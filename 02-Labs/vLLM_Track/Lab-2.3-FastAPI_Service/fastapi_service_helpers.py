@@ -263,40 +263,8 @@ def access_log(path: str | Path, request_ids: Iterable[str] | None = None) -> li
 import threading
 from dataclasses import asdict, dataclass
 
-_FALLBACK_WORDS = ("The model reads the prompt once, then writes one token at a time. Each new token attends "
-                   "to every token before it, so the keys and values of earlier tokens are kept in a cache.").split()
-
-
-def corpus_words(folder: str = "/usr/share/common-licenses") -> list[str]:
-    """English words from the license texts Debian and Ubuntu ship (offline); a built-in sentence where
-    that folder does not exist."""
-    words: list[str] = []
-    root = Path(folder)
-    if root.is_dir():
-        for path in sorted(p for p in root.iterdir() if p.is_file()):
-            try:
-                words += path.read_text(errors="ignore").split()
-            except OSError:
-                continue
-    return words or _FALLBACK_WORDS * 50
-
-
-def random_text_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
-    """``n`` prompts of about ``length`` tokens: random words (seeded) cut to ``length`` token ids and
-    decoded (re-tokenized, the length can differ by a token or two). No two prompts share a prefix:
-    give every run its own ``seed`` and vLLM's prefix cache cannot make its prefill cheaper."""
-    import numpy as np
-
-    words = corpus_words()
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for _ in range(n):
-        ids: list[int] = []
-        while len(ids) < length:
-            picked = rng.choice(len(words), size=length)
-            ids += tokenizer.encode(" ".join(words[i] for i in picked), add_special_tokens=False)
-        prompts.append(tokenizer.decode(ids[:length]))
-    return prompts
+# The package holds them (Lab 2.1 uses the same ones): re-exported for the notebooks' H.*.
+from inference_course.bench import corpus_words, random_text_prompts  # noqa: E402,F401
 
 
 # -- notebook 03: vllm bench serve, several runs in one process ------------------------------------
