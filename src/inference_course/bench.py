@@ -806,8 +806,8 @@ def compare_tools(ours: dict, theirs: dict, tolerance: float = 0.10, *,
     dict per metric: ``metric``, ``label``, ``unit``, ``ours``, ``theirs``, ``ratio``, ``within``),
     ``disagreeing`` (the keys of the metrics outside the tolerance) and ``sentence`` (one sentence
     that says which, with ``names`` for the two tools). When the median ITL of ``ours`` is under half
-    of theirs, the sentence adds the usual cause: that client read chunks in bursts (it measured its
-    own reading pace, not the server's token pace).
+    of theirs, the sentence says that chunks reached one of the clients in bursts, and points at
+    ``ours`` only when its throughput is lower too (otherwise the numbers do not settle which).
     """
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
@@ -838,9 +838,17 @@ def compare_tools(ours: dict, theirs: dict, tolerance: float = 0.10, *,
             sentence += (f"; within {tolerance:.0%}: "
                          + ", ".join(f"{row['label']} {row['ratio']:.3g}x" for row in within))
         itl = next((row for row in rows if row["metric"] == "median_itl_ms"), None)
+        tput = next((row for row in rows if row["metric"] == "output_throughput"), None)
         if itl is not None and itl["ratio"] < 0.5:
-            sentence += (f". A median ITL far below {theirs_name}'s means that {ours_name} read chunks in "
-                         "bursts: it measured its own reading pace, not the server's token pace")
+            # Chunks reached one of the clients in bursts (a client that falls behind reads several at
+            # once). Which one, the ratios alone cannot prove; a lower throughput points at ours.
+            sentence += (f". A median ITL under half of {theirs_name}'s suggests that chunks reached one of the "
+                         "clients in bursts (a client that falls behind reads several at once); ")
+            if tput is not None and tput["ratio"] < 1:
+                sentence += f"{ours_name} also saw less throughput, so it is the likelier one to have fallen behind"
+            else:
+                sentence += (f"{ours_name} saw no less throughput, so these numbers do not settle which client fell "
+                             "behind (run each tool alone, or spread the load over several client processes)")
     return {"agree": agree, "tolerance": tolerance, "ratios": {row["metric"]: row["ratio"] for row in rows},
             "rows": rows, "disagreeing": [row["metric"] for row in off], "sentence": sentence}
 
