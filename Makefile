@@ -2,6 +2,7 @@
 #   make test     create the environment, prepare the embedded model, run pytest + nbval (what CI runs)
 #   make course   execute every solution notebook on the detected profile and write the results report
 #   make lab      open JupyterLab on the learner notebooks
+#   make grade NB=path/to/learner.ipynb   run your notebook and report each exercise (passed / failed / not attempted)
 #   make doctor   the quick check (hardware, versions, vLLM, FastAPI, Triton) with fixes
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +17,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 CONSTRAINTS ?= $(if $(filter cpu,$(subst $(comma), ,$(EXTRAS))),-c constraints/cpu.txt,)
 PYTEST_ARGS ?=
 
-.PHONY: env model test test-fast course lab doctor notebooks clean-env
+.PHONY: env model test test-fast course lab doctor notebooks grade clean-env
 
 env: $(STAMP)
 
@@ -57,6 +58,10 @@ doctor: env
 
 notebooks: env
 	$(BIN)/python -m inference_course notebooks
+
+grade: model
+	@test -n "$(NB)" || { echo 'usage: make grade NB=02-Labs/<track>/<lab>/NN-Topic.ipynb (a learner notebook)'; exit 2; }
+	$(BIN)/python -m inference_course grade $(NB)
 
 clean-env:
 	rm -rf $(VENV)

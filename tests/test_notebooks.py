@@ -65,7 +65,8 @@ def test_learner_notebook_has_no_outputs_and_clean_metadata():
     learner = notebooks.make_learner(nb)
     code = learner.cells[1]
     assert code.outputs == [] and code.execution_count is None
-    assert code.metadata == {"tags": ["keep"]}
+    assert code.metadata == {"tags": ["keep"], "nbgrader": {
+        "grade_id": "exercise-1", "solution": True, "grade": False, "locked": False, "schema_version": 3}}
     assert "widgets" not in learner.metadata and learner.metadata.kernelspec.name == "python3"
     assert nb.cells[1].outputs, "the solution notebook object must not be changed"
 

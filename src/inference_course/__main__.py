@@ -1,4 +1,4 @@
-"""Command line: ``python -m inference_course {doctor,model,course,notebooks,profile}``."""
+"""Command line: ``python -m inference_course {doctor,model,course,notebooks,grade,profile}``."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the executed outputs back into the solution notebooks")
     notebooks = sub.add_parser("notebooks", help="regenerate the learner notebooks from the solutions")
     notebooks.add_argument("--check", action="store_true", help="only report stale learner notebooks")
+    grade = sub.add_parser("grade", help="run a learner notebook and report each exercise: passed, failed, "
+                                         "not attempted")
+    grade.add_argument("notebook", nargs="+", help="learner notebook(s), e.g. 02-Labs/.../01-KV_Cache.ipynb")
+    grade.add_argument("--timeout", type=int, default=None, help="seconds per cell (default: the profile's)")
     sub.add_parser("profile", help="print the active profile and the machine as JSON")
     args = parser.parse_args(argv)
 
@@ -49,6 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         for path in generate_learners():
             print(f"wrote {path}")
         return 0
+    if args.command == "grade":
+        from .grading import PASSED, GradingError, grade, report
+
+        ok = True
+        for notebook in args.notebook:
+            try:
+                outcome = grade(notebook, args.timeout)
+            except (GradingError, FileNotFoundError) as exc:
+                print(f"{notebook}: {exc}", file=sys.stderr)
+                ok = False
+                continue
+            print(report(notebook, outcome), flush=True)
+            ok = ok and all(r.status == PASSED for r in outcome if r.status != "not checked")
+        return 0 if ok else 1
     if args.command == "profile":
         from .profiles import get_profile, system_info
 

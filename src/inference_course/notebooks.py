@@ -3,7 +3,8 @@
 Solution notebooks (``<lab>/solutions/NN-Topic.ipynb``) are the single source. A region of a code cell
 between ``# BEGIN SOLUTION`` and ``# END SOLUTION`` is what the learner writes: in the learner notebook
 (``<lab>/NN-Topic.ipynb``) it becomes its ``# HINT:`` lines as TODO comments and a
-``raise NotImplementedError``. Outputs and run metadata are stripped. ``check_learners`` fails when a
+``raise NotImplementedError``. Outputs and run metadata are stripped; exercises and their ``# Check``
+cells get nbgrader metadata (``grading.annotate``). ``check_learners`` fails when a
 committed learner notebook differs from what the generator produces.
 
 Inside a notebook::
@@ -195,13 +196,16 @@ def _clean_metadata(nb) -> None:
         "language_info": {"name": "python"},
     })
     for cell in nb.cells:
-        tags = cell.get("metadata", {}).get("tags")
-        cell.metadata = nbformat.from_dict({"tags": tags} if tags else {})
+        kept = {key: cell.get("metadata", {}).get(key) for key in ("tags", "nbgrader")}
+        cell.metadata = nbformat.from_dict({key: value for key, value in kept.items() if value})
 
 
 def make_learner(solution_nb, where: str = ""):
     """The learner version of a solution notebook (a new object; the input is not changed)."""
+    from .grading import annotate
+
     nb = copy.deepcopy(solution_nb)
+    annotate(nb, where)
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code" and ANY_MARKER.search(cell.source):
             raise MarkerError(f"{where} cell {index}: solution markers belong in code cells only")
@@ -236,6 +240,9 @@ def clean_solution(path: Path) -> bool:
     text = Path(path).read_text()
     nb = nbformat.reads(text, as_version=4)
     _clean_metadata(nb)
+    from .grading import annotate
+
+    annotate(nb, str(path))
     new = dumps(nb)
     if new != text:
         Path(path).write_text(new)
