@@ -63,6 +63,14 @@ def setup(seed: int = 0, quiet: bool = False):
     # progress bars still print as text, and the warning would differ between machines.
     warnings.filterwarnings("ignore", message="IProgress not found")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the engine's own processes
+    # Progress bars of engine internals (checkpoint shards, CUDA-graph capture, GGUF conversion) are
+    # printed by the engine's own processes into the cell; they say nothing about the lesson and differ
+    # on every run. tqdm reads TQDM_DISABLE from the environment (>= 4.66), so the engine's processes
+    # inherit it; the course's own timings are printed as numbers. Unset it to see the bars.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    # PyTorch's C++ warnings, e.g. c10d's "hostname of the client socket cannot be retrieved" on hosts
+    # without a resolvable hostname, when vLLM sets up its single-process group; errors still show.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # transformers 5.17 warns on every load of the embedded model's BPE tokenizer about
     # clean_up_tokenization_spaces (an advisory about its config, not about this run); errors still show.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
