@@ -194,7 +194,8 @@ def test_hadolint_ignores_are_justified():
 
 
 def yaml_files() -> list[Path]:
-    return sorted(WORKFLOWS.glob("*.yml")) + sorted(WORKFLOWS.glob("*.yaml")) + [COMPOSE, PROMETHEUS]
+    return (sorted(WORKFLOWS.glob("*.yml")) + sorted(WORKFLOWS.glob("*.yaml")) + [COMPOSE, PROMETHEUS]
+            + sorted((DOCKER / "prometheus" / "rules").glob("*.yml")))
 
 
 def test_yamllint():
