@@ -17,6 +17,7 @@ a stub that was never filled in reported as such rather than as a failure.
 from __future__ import annotations
 
 import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,7 +163,9 @@ def execute(path: str | Path, timeout: int | None = None, cwd: str | Path | None
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
                             resources={"metadata": {"path": str(Path(cwd or path.parent).resolve())}})
     try:
-        client.execute()
+        # The kernel's own stderr (jupyter_client's "running over TCP without encryption" warning) is not the
+        # learner's: cell outputs, errors included, come back through the kernel's messages.
+        client.execute(stderr=subprocess.DEVNULL)
     except DeadKernelError:
         pass  # exercises after the kernel's death are reported as not run
     return nb
