@@ -46,3 +46,17 @@ def test_system_info_names_the_machine():
     info = profiles.system_info(profiles.CPU)
     assert info["profile"] == "cpu" and info["cpu_cores"] >= 1
     assert "torch" in info["versions"] and "vllm" in info["versions"]
+
+
+def test_nvidia_driver_version_reads_nvidia_smi(tmp_path, monkeypatch):
+    from inference_course.profiles import nvidia_driver_version
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=driver_version ] && printf '580.159.04\\n580.159.04\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert nvidia_driver_version() == "580.159.04"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    assert nvidia_driver_version() is None
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert nvidia_driver_version() is None

@@ -100,6 +100,8 @@ def setup(seed: int = 0, quiet: bool = False):
         versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
         print(f"profile: {profile.name} | lab: {lab.name if lab else '-'}")
         print(f"hardware: {info['cpu']} x{info['cpu_cores']}, RAM {info.get('ram_gib', '?')} GiB, GPU: {gpus}")
+        if info["gpus"]:
+            print(f"CUDA {info.get('cuda') or '?'} (torch's runtime) | NVIDIA driver {info.get('driver') or '?'}")
         print(f"python {info['python']} | {versions}")
     return profile
 

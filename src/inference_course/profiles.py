@@ -194,6 +194,23 @@ def package_versions() -> dict[str, str | None]:
     return found
 
 
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver's version as ``nvidia-smi`` reports it (e.g. 580.159.04), or None without one."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    versions = sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
+    return ", ".join(versions) if out.returncode == 0 and versions else None
+
+
 def system_info(profile: Profile | None = None) -> dict:
     """Hardware and software facts worth printing above every measurement."""
     import os
@@ -225,5 +242,6 @@ def system_info(profile: Profile | None = None) -> dict:
                 "compute_capability": f"{props.major}.{props.minor}",
             })
         info["cuda"] = torch.version.cuda
+        info["driver"] = nvidia_driver_version()
     info["versions"] = {k: v for k, v in package_versions().items() if v}
     return info
