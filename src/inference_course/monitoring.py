@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "docker" / "prometheus" / "rules" / "course-service.rules.yml"
 RULE_TESTS = ROOT / "docker" / "prometheus" / "rules" / "course-service.tests.yml"
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "course-service.json"
+ALERTMANAGER = ROOT / "docker" / "alertmanager" / "alertmanager.yml"
 
 # Names in PromQL that are not metrics: functions, aggregations, keywords (for messages only).
 _NOT_METRICS = {
@@ -78,6 +79,121 @@ def write_config(path: str | Path, jobs: list[Job], *, rule_files: list[str | Pa
     path = Path(path)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def write_alertmanager_config(path: str | Path, webhook_url: str, *, template: str | Path = ALERTMANAGER,
+                              group_wait_s: float | None = None, group_interval_s: float | None = None,
+                              repeat_interval_s: float | None = None) -> Path:
+    """The course's Alertmanager configuration (``docker/alertmanager/alertmanager.yml``) with its webhook
+    pointed at ``webhook_url`` and, where given, the route timings replaced (on every route that sets them)."""
+    import yaml
+
+    def duration(value: float) -> str:
+        return f"{int(value * 1000)}ms" if value < 1 else f"{value:g}s"
+
+    config = yaml.safe_load(Path(template).read_text(encoding="utf-8"))
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            hook["url"] = webhook_url
+    timings = {"group_wait": group_wait_s, "group_interval": group_interval_s, "repeat_interval": repeat_interval_s}
+
+    def retime(route: dict, top: bool) -> None:
+        for key, value in timings.items():
+            if value is not None and (top or key in route):
+                route[key] = duration(value)
+        for child in route.get("routes", []):
+            retime(child, False)
+
+    retime(config["route"], True)
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def amtool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run Alertmanager's own amtool (``amtool check-config``, ``amtool config routes test``)."""
+    binary = shutil.which("amtool")
+    if not binary:
+        raise FileNotFoundError("amtool is not installed. Fix: `apt-get install prometheus-alertmanager` "
+                                "(Debian/Ubuntu; it ships amtool), or put the amtool of a prometheus.io release on PATH.")
+    return subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout)
+
+
+class WebhookReceiver:
+    """An HTTP endpoint Alertmanager can notify (its webhook_config): it keeps every notification with the
+    time it arrived. A context manager; serves on 127.0.0.1 in a thread::
+
+        with monitoring.WebhookReceiver() as hook:
+            write_alertmanager_config(path, hook.url)
+            ...
+            hook.wait_for(lambda n: n["status"] == "firing")
+    """
+
+    def __init__(self, path: str = "/alerts"):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        self.notifications: list[dict] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    payload = json.loads(body)
+                    code = 200 if self.path == path else 404
+                except ValueError:
+                    payload, code = None, 400
+                if code == 200:
+                    with receiver._lock:
+                        receiver.notifications.append({"received": time.time(), **payload})
+                self.send_response(code)
+                self.end_headers()
+
+            def log_message(self, *args):  # keep notebook output clean
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def received(self) -> list[dict]:
+        with self._lock:
+            return list(self.notifications)
+
+    def wait_for(self, predicate, timeout: float = 120, poll: float = 0.2) -> dict:
+        """The first notification for which ``predicate(notification)`` holds; TimeoutError naming what came."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for note in self.received():
+                if predicate(note):
+                    return note
+            if time.monotonic() > deadline:
+                seen = [(n["status"], sorted({a["labels"].get("alertname", "?") for a in n["alerts"]}))
+                        for n in self.received()]
+                raise TimeoutError(f"no matching notification within {timeout:g} s; received: {seen or 'none'}")
+            time.sleep(poll)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "WebhookReceiver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def alertmanager_alerts(am_url: str) -> list[dict]:
+    """Alerts Alertmanager holds now (API v2), each with its labels, status and time it started."""
+    import httpx
+
+    response = httpx.get(am_url.rstrip("/") + "/api/v2/alerts", timeout=30, trust_env=False)
+    response.raise_for_status()
+    return response.json()
 
 
 def promtool_binary() -> str | None:
@@ -194,3 +310,93 @@ def metric_names(expr: str) -> set[str]:
 
 def finite(result: list[dict]) -> bool:
     return bool(result) and all(math.isfinite(r["value"]) for r in result)
+
+
+class SpanSink:
+    """A real OpenTelemetry receiver: oteltest's OTLP/gRPC sink (PyPI ``oteltest``; no Jaeger or collector
+    runs here) keeping every span it receives as a plain dict. vLLM exports to it with
+    ``otlp_traces_endpoint=sink.endpoint`` (and ``OTEL_EXPORTER_OTLP_TRACES_INSECURE=true``)::
+
+        with monitoring.SpanSink() as sink:
+            ...   # start vLLM with --otlp-traces-endpoint sink.endpoint, send requests
+            sink.wait_for(lambda s: s["name"] == "llm_request")
+    """
+
+    def __init__(self, port: int | None = None):
+        import logging
+        import threading
+
+        from oteltest.sink import GrpcSink
+        from oteltest.sink.handler import RequestHandler
+
+        from .servers import free_port
+
+        self._spans: list[dict] = []
+        self._lock = threading.Lock()
+        sink = self
+
+        class Collect(RequestHandler):
+            def handle_trace(self, request, headers):
+                spans = [span_dict(span, resource.resource) for resource in request.resource_spans
+                         for scope in resource.scope_spans for span in scope.spans]
+                with sink._lock:
+                    sink._spans.extend(spans)
+
+            def handle_metrics(self, request, headers):
+                pass
+
+            def handle_logs(self, request, headers):
+                pass
+
+        self.port = port or free_port()
+        self._sink = GrpcSink(Collect(), logging.getLogger("oteltest"), port=self.port)
+        self._sink.start()
+        self.endpoint = f"grpc://127.0.0.1:{self.port}"
+
+    def spans(self) -> list[dict]:
+        with self._lock:
+            return list(self._spans)
+
+    def wait_for(self, predicate, timeout: float = 60, poll: float = 0.2) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for span in self.spans():
+                if predicate(span):
+                    return span
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no matching span within {timeout:g} s; received: "
+                                   f"{sorted({s['name'] for s in self.spans()}) or 'none'}")
+            time.sleep(poll)
+
+    def close(self) -> None:
+        self._sink.stop()
+
+    def __enter__(self) -> "SpanSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _any_value(value):
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind) if kind else None
+
+
+def span_dict(span, resource=None) -> dict:
+    """An OTLP protobuf span as a dict: ids in hex, times in seconds since the epoch, attributes by key."""
+    return {
+        "name": span.name,
+        "trace_id": span.trace_id.hex(),
+        "span_id": span.span_id.hex(),
+        "parent_span_id": span.parent_span_id.hex() or None,
+        "start": span.start_time_unix_nano / 1e9,
+        "end": span.end_time_unix_nano / 1e9,
+        "attributes": {kv.key: _any_value(kv.value) for kv in span.attributes},
+        "service": next((_any_value(kv.value) for kv in (resource.attributes if resource else [])
+                         if kv.key == "service.name"), None),
+    }

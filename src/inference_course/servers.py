@@ -341,6 +341,26 @@ def prometheus_server(config_file: str | os.PathLike, *, port: int | None = None
     return ManagedServer("prometheus", cmd, port=port, ready_path="/-/ready", startup_timeout=startup_timeout)
 
 
+def alertmanager_binary() -> str | None:
+    return (os.environ.get("ALERTMANAGER_BIN") or shutil.which("alertmanager")
+            or shutil.which("prometheus-alertmanager"))  # Debian's name for the same binary
+
+
+def alertmanager_server(config_file: str | os.PathLike, *, port: int | None = None,
+                        data_dir: str | os.PathLike | None = None, startup_timeout: float = 60.0) -> ManagedServer:
+    """A real Alertmanager reading ``config_file`` (Debian: ``apt-get install prometheus-alertmanager``),
+    alone: no cluster peers (``--cluster.listen-address=`` empty), listening on 127.0.0.1 only."""
+    binary = alertmanager_binary()
+    if not binary:
+        raise ServerError("alertmanager is not installed. Fix: `apt-get install prometheus-alertmanager` "
+                          "(Debian/Ubuntu), or set ALERTMANAGER_BIN to the binary of a release from prometheus.io.")
+    port = port or free_port()
+    data_dir = data_dir or tempfile.mkdtemp(prefix="alertmanager-")
+    cmd = [binary, f"--config.file={config_file}", f"--web.listen-address={HOST}:{port}",
+           f"--storage.path={data_dir}", "--cluster.listen-address="]
+    return ManagedServer("alertmanager", cmd, port=port, ready_path="/-/ready", startup_timeout=startup_timeout)
+
+
 def service_server(model: str, *, upstream: str | None = None, keys: dict[str, str] | None = None,
                    served_name: str = "smollm2", port: int | None = None, profile=None,
                    rate_limit: float | None = None, rate_burst: int = 10, max_in_flight: int | None = 64,
