@@ -196,6 +196,26 @@ def alertmanager_alerts(am_url: str) -> list[dict]:
     return response.json()
 
 
+def scrape(client, path: str = "/metrics") -> dict[str, list[tuple[dict, float]]]:
+    """A Prometheus text page (``client.get(path)``, e.g. an httpx.Client with the server's base URL and
+    key) parsed by prometheus_client as {sample name: [(labels, value), ...]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = client.get(path)
+    answer.raise_for_status()
+    samples: dict[str, list[tuple[dict, float]]] = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return samples
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """The sum of the samples named ``name`` whose labels include ``labels`` (0.0 when none)."""
+    return sum(value for have, value in samples.get(name, [])
+               if all(have.get(k) == str(v) for k, v in labels.items()))
+
+
 def promtool_binary() -> str | None:
     return shutil.which("promtool")
 

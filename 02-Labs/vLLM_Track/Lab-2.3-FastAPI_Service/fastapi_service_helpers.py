@@ -197,25 +197,6 @@ class StatusLedger:
         return {"response": [record]}
 
 
-def scrape(client, path: str = "/metrics") -> dict[str, list[tuple[dict, float]]]:
-    """A Prometheus text page (``client.get(path)``) as {sample name: [(labels, value), ...]}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    answer = client.get(path)
-    answer.raise_for_status()
-    samples: dict[str, list[tuple[dict, float]]] = {}
-    for family in text_string_to_metric_families(answer.text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-    return samples
-
-
-def metric(samples: dict, name: str, **labels) -> float:
-    """The sum of the samples named ``name`` whose labels include ``labels`` (0.0 when none)."""
-    return sum(value for have, value in samples.get(name, [])
-               if all(have.get(k) == str(v) for k, v in labels.items()))
-
-
 async def send_on_schedule(times: Sequence[float], send: Callable[[int], Awaitable]) -> list[tuple[float, object]]:
     """Start ``send(i)`` at ``times[i]`` seconds from now, each on time whatever the earlier ones are
     doing (an open-loop client: arrivals do not wait for answers). Returns (the second it was sent,
@@ -265,6 +246,7 @@ from dataclasses import asdict, dataclass
 
 # The package holds them (Lab 2.1 uses the same ones): re-exported for the notebooks' H.*.
 from inference_course.bench import corpus_words, random_text_prompts  # noqa: E402,F401
+from inference_course.monitoring import metric, scrape  # noqa: E402,F401  (H.scrape, H.metric in the notebooks)
 
 
 # -- notebook 03: vllm bench serve, several runs in one process ------------------------------------

@@ -1,0 +1,105 @@
+"""Helpers for Lab 2.5 (Performance Monitoring): reading Prometheus text pages and histograms.
+
+The servers (vLLM, the course's service, Prometheus, Alertmanager), the Prometheus queries, the webhook
+receiver and the OTLP span sink come from the package (``inference_course.servers`` and
+``inference_course.monitoring``); this module holds what the lab's notebooks do with the numbers:
+
+* ``scrape``, ``metric`` (from the package): one ``/metrics`` page as {sample: [(labels, value)]}, and a sum;
+* ``families``/``inventory``: what a ``/metrics`` page exports (name, type, labels, series, buckets);
+* ``histogram``/``histogram_delta``: one histogram's cumulative buckets, and what a workload added to them;
+* ``bucket_quantile``: the quantile estimate Prometheus' ``histogram_quantile`` computes from buckets
+  (linear interpolation inside the bucket that holds the rank); ``bucket_bounds``: the bucket it lies in,
+  i.e. how far off the estimate can be.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from inference_course.monitoring import metric, scrape  # noqa: F401  (H.scrape, H.metric in the notebooks)
+
+
+def families(text: str) -> list[dict]:
+    """Every metric family of a Prometheus text page: name, type, help, label names (without ``le``),
+    number of series, and for histograms the bucket upper bounds (``+Inf`` included)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = []
+    for family in text_string_to_metric_families(text):
+        labels = sorted({k for s in family.samples for k in s.labels if k not in ("le", "quantile")})
+        series = {tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("le", "quantile")))
+                  for s in family.samples}
+        bounds = sorted({float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")})
+        out.append({"name": family.name, "type": family.type, "help": family.documentation,
+                    "labels": labels, "series": len(series), "buckets": bounds})
+    return out
+
+
+def inventory(text: str):
+    """``families`` as a pandas DataFrame, one row per family, sorted by name."""
+    import pandas as pd
+
+    df = pd.DataFrame(families(text))
+    df["n_buckets"] = df.buckets.map(len)
+    return df.sort_values("name").reset_index(drop=True)
+
+
+def histogram(samples: dict, name: str, **labels) -> list[tuple[float, float]]:
+    """The cumulative buckets ``[(le, count), ...]`` of histogram ``name`` (without ``_bucket``), summed
+    over the series whose labels include ``labels``, sorted by ``le`` (``+Inf`` last)."""
+    totals: dict[float, float] = {}
+    for have, value in samples.get(name + "_bucket", []):
+        if all(have.get(k) == str(v) for k, v in labels.items()):
+            le = float(have["le"])
+            totals[le] = totals.get(le, 0.0) + value
+    if not totals:
+        raise KeyError(f"no histogram {name!r} with labels {labels} on this page "
+                       f"(histograms there: {sorted(n[:-7] for n in samples if n.endswith('_bucket'))})")
+    return sorted(totals.items())
+
+
+def histogram_delta(before: dict, after: dict, name: str, **labels) -> list[tuple[float, float]]:
+    """What happened between two scrapes: the buckets of ``after`` minus those of ``before``."""
+    old = dict(histogram(before, name, **labels)) if name + "_bucket" in before else {}
+    return [(le, count - old.get(le, 0.0)) for le, count in histogram(after, name, **labels)]
+
+
+def bucket_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:
+    """Prometheus' ``histogram_quantile(q, ...)`` on cumulative buckets ``[(le, count), ...]`` ending at
+    ``+Inf``: find the bucket where the rank ``q × total`` falls and interpolate linearly inside it (from 0
+    for the first bucket). A rank in the ``+Inf`` bucket gives the largest finite bound; no observations
+    give NaN. (The rules of promql/quantile.go, Prometheus 2.x.)"""
+    if math.isnan(q):
+        return math.nan
+    if q < 0:
+        return -math.inf
+    if q > 1:
+        return math.inf
+    buckets = sorted(buckets)
+    if len(buckets) < 2 or not math.isinf(buckets[-1][0]):
+        return math.nan
+    total = buckets[-1][1]
+    if total == 0:
+        return math.nan
+    rank = q * total
+    for i, (le, count) in enumerate(buckets):
+        if count >= rank:
+            break
+    if i == len(buckets) - 1:
+        return buckets[-2][0]
+    if i == 0 and le <= 0:
+        return le
+    start, below = (0.0, 0.0) if i == 0 else buckets[i - 1]
+    inside = count - below
+    return start + (le - start) * ((rank - below) / inside)
+
+
+def bucket_bounds(q: float, buckets: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(lower, upper) edge of the bucket that holds the ``q`` quantile's rank: the true quantile lies
+    there, whatever ``bucket_quantile`` interpolated. ``(last finite bound, inf)`` in the ``+Inf`` bucket."""
+    buckets = sorted(buckets)
+    rank = q * buckets[-1][1]
+    for i, (le, count) in enumerate(buckets):
+        if count >= rank:
+            return (0.0 if i == 0 else buckets[i - 1][0], le)
+    return (buckets[-2][0], math.inf)
