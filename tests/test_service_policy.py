@@ -542,6 +542,12 @@ def test_one_access_log_line_per_request_with_the_tenant_never_the_key(make_clie
 def test_metrics_count_requests_tokens_and_rejections(make_client):
     client = make_client()
     before = _metrics(client)
+    # The error series exist at 0 before any error: rate() cannot see the increments that create a series,
+    # so a first burst of 503s would otherwise be invisible to the error-ratio alerts.
+    for route in ("/v1/completions", "/v1/chat/completions"):
+        for code in ("500", "503", "504", "429"):
+            assert before[("service_requests_total", (("code", code), ("route", route)))] == 0
+    assert before[("service_rejections_total", (("reason", "overloaded"),))] == 0
     for _ in range(3):
         client.post("/v1/chat/completions", headers=ALPHA, json=CHAT)
     client.post("/v1/completions", headers=ALPHA, json={"model": "smollm2", "prompt": "Hi", "stream": True})

@@ -87,6 +87,15 @@ class Metrics:
         # leaving, shutdown) keeps its 200 in service_requests_total and is counted here.
         self.streams_cut = Counter("service_streams_cut", "Streams that started and did not end normally, "
                                    "by reason", ["reason"], registry=r)
+        # Series exist from the start, at 0. A labelled counter appears only when first incremented, and
+        # rate()/increase() cannot see the increments that created a series: the first burst of 503s would be
+        # invisible to an error-ratio alert (Prometheus docs, "Instrumentation": avoid missing metrics).
+        for route in GENERATION_PATHS:
+            for code in ("200", "400", "401", "404", "413", "422", "429", "500", "503", "504"):
+                self.requests.labels(route, code)
+        for reason in ("unauthorized", "invalid", "body_too_large", "rate_limited", "overloaded", "draining",
+                       "engine_starting", "engine_dead"):  # every reason _admit refuses with
+            self.rejections.labels(reason)
         in_flight = Gauge("service_requests_in_flight", "Generation requests admitted and not finished",
                           registry=r)
         in_flight.set_function(lambda: state.admission.in_flight)
