@@ -80,6 +80,7 @@ def test_bucket_quantile_worked_examples(q, expected):
 def test_bucket_quantile_edges_and_bounds():
     assert math.isnan(H.bucket_quantile(0.5, [(0.1, 0), (math.inf, 0)]))
     assert math.isnan(H.bucket_quantile(0.5, [(0.1, 3)]))      # no +Inf bucket
+    assert math.isnan(H.bucket_quantile(0.0, [(0.1, 0), (0.2, 3), (math.inf, 3)]))  # 0/0 in an empty first bucket
     assert H.bucket_quantile(-0.1, [(0.1, 1), (math.inf, 1)]) == -math.inf
     assert H.bucket_quantile(1.5, [(0.1, 1), (math.inf, 1)]) == math.inf
     buckets = [(0.1, 2), (0.5, 6), (1.0, 8), (math.inf, 10)]

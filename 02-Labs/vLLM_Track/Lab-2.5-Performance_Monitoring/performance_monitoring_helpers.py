@@ -91,6 +91,8 @@ def bucket_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:
         return le
     start, below = (0.0, 0.0) if i == 0 else buckets[i - 1]
     inside = count - below
+    if inside == 0:  # rank 0 in an empty bucket (q = 0): Prometheus computes 0/0, NaN
+        return math.nan
     return start + (le - start) * ((rank - below) / inside)
 
 
