@@ -195,7 +195,7 @@ def test_hadolint_ignores_are_justified():
 
 def yaml_files() -> list[Path]:
     return (sorted(WORKFLOWS.glob("*.yml")) + sorted(WORKFLOWS.glob("*.yaml")) + [COMPOSE, PROMETHEUS]
-            + sorted((DOCKER / "prometheus" / "rules").glob("*.yml")))
+            + sorted((DOCKER / "prometheus" / "rules").glob("*.yml")) + sorted((DOCKER / "alertmanager").glob("*.yml")))
 
 
 def test_yamllint():
