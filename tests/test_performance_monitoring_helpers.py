@@ -63,6 +63,9 @@ def test_histogram_sums_matching_series_and_delta_subtracts():
     assert H.histogram_delta(samples, later, "lat", model="a") == [(0.1, 0), (0.5, 0), (1.0, 0), (math.inf, 3)]
     with pytest.raises(KeyError, match="lat"):
         H.histogram(samples, "latency")
+    # A labelled series that appears between the scrapes started from 0.
+    newer = H.scrape(Client(PAGE.replace('model="b"', 'model="c"')))
+    assert H.histogram_delta(samples, newer, "lat", model="c") == [(0.1, 1), (0.5, 1), (1.0, 1), (math.inf, 1)]
 
 
 @pytest.mark.parametrize("q, expected", [
@@ -87,6 +90,7 @@ def test_bucket_quantile_edges_and_bounds():
     assert H.bucket_bounds(0.5, buckets) == (0.1, 0.5)
     assert H.bucket_bounds(0.1, buckets) == (0.0, 0.1)
     assert H.bucket_bounds(0.95, buckets) == (1.0, math.inf)
+    assert all(math.isnan(x) for x in H.bucket_bounds(0.5, [(0.1, 0), (math.inf, 0)]))
 
 
 def test_bucket_quantile_agrees_with_promtool(tmp_path):

@@ -60,7 +60,10 @@ def histogram(samples: dict, name: str, **labels) -> list[tuple[float, float]]:
 
 def histogram_delta(before: dict, after: dict, name: str, **labels) -> list[tuple[float, float]]:
     """What happened between two scrapes: the buckets of ``after`` minus those of ``before``."""
-    old = dict(histogram(before, name, **labels)) if name + "_bucket" in before else {}
+    try:
+        old = dict(histogram(before, name, **labels))
+    except KeyError:  # the series did not exist yet at the first scrape: it started from 0
+        old = {}
     return [(le, count - old.get(le, 0.0)) for le, count in histogram(after, name, **labels)]
 
 
@@ -68,7 +71,8 @@ def bucket_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:
     """Prometheus' ``histogram_quantile(q, ...)`` on cumulative buckets ``[(le, count), ...]`` ending at
     ``+Inf``: find the bucket where the rank ``q × total`` falls and interpolate linearly inside it (from 0
     for the first bucket). A rank in the ``+Inf`` bucket gives the largest finite bound; no observations
-    give NaN. (The rules of promql/quantile.go, Prometheus 2.x.)"""
+    give NaN. (The rules of promql/quantile.go, Prometheus 2.x, for well-formed buckets: Prometheus also repairs
+    counts that decrease from one bucket to the next, which scrapes of one consistent page never produce.)"""
     if math.isnan(q):
         return math.nan
     if q < 0:
@@ -100,6 +104,8 @@ def bucket_bounds(q: float, buckets: Sequence[tuple[float, float]]) -> tuple[flo
     """(lower, upper) edge of the bucket that holds the ``q`` quantile's rank: the true quantile lies
     there, whatever ``bucket_quantile`` interpolated. ``(last finite bound, inf)`` in the ``+Inf`` bucket."""
     buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] == 0:
+        return (math.nan, math.nan)  # no observations: no bucket holds anything
     rank = q * buckets[-1][1]
     for i, (le, count) in enumerate(buckets):
         if count >= rank:
