@@ -14,7 +14,6 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from inference_course import bench, monitoring, servers
 from inference_course.models import resolve_model
@@ -62,9 +61,9 @@ def stack(tmp_path_factory):
 
 
 def exported(service) -> set[str]:
-    text = httpx.get(service.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
-                     trust_env=False).text
-    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                      trust_env=False) as client:
+        return set(monitoring.scrape(client))
 
 
 def settled(prom_url: str, expr: str, expected: float) -> list[dict]:
