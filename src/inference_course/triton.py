@@ -7,11 +7,20 @@ with Docker can run NGC's ``nvcr.io/nvidia/tritonserver:24.08-py3`` on the same 
 The bundled Python backend was built against numpy 1.x: with numpy 2 ``pb_utils.Tensor(name, array)``
 fails with "output tensor shape does not match size of output". Python models in this course therefore
 move tensors through DLPack (``to_dlpack`` / ``Tensor.from_dlpack``), which works with both.
+
+Model repositories are real files: each Triton lab keeps ``model_repository/<model>/config.pbtxt`` and
+``<model>/<version>/model.py`` in its folder (they mount into NGC's container as they are). A notebook
+copies a model into the run's repository with ``copy_model`` (filling in per-run values: parameters,
+text substitutions, version folders), shows what changed with ``diff_text`` (difflib), and
+``parse_config`` reads a config with Triton's own protobuf (``model_config_pb2``).
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -48,7 +57,7 @@ def find_tritonserver() -> Path:
     raise ServerError(
         "No Triton server binary found. Fix: `pip install --no-deps nvidia-pytriton==0.7.0` (bundles "
         f"tritonserver 2.51 for Linux x86-64, glibc >= 2.35), or put `tritonserver` on PATH, or set {ENV_BINARY}; "
-        f"with Docker: `docker run --rm -p8000-8002:8000-8002 -v $PWD/model_repository:/models {NGC_IMAGE} "
+        f"with Docker, in a Triton lab's folder: `docker run --rm -p8000-8002:8000-8002 -v $PWD/model_repository:/models {NGC_IMAGE} "
         "tritonserver --model-repository=/models`."
     )
 
@@ -177,6 +186,100 @@ def write_model(repository: str | os.PathLike, name: str, config: str, model_py:
     if model_py is not None:
         (model_dir / str(version) / "model.py").write_text(textwrap.dedent(model_py).lstrip())
     return model_dir
+
+
+# -- file-based model repositories ------------------------------------------------------------------
+
+
+def parse_config(path: str | os.PathLike):
+    """A ``config.pbtxt`` (or a model folder holding one) parsed into Triton's own protobuf ``ModelConfig``
+    (``tritonclient.grpc.model_config_pb2``). A typo in a field name or an enum value raises
+    ``google.protobuf.text_format.ParseError`` naming the line and column."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.pbtxt"
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def _parameter_pattern(key: str) -> re.Pattern:
+    return re.compile(r'(key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def substitute(text: str, *, parameters: dict | None = None, replace: dict | None = None,
+               append: str | None = None) -> str:
+    """``text`` of a config.pbtxt with per-run values filled in.
+
+    ``parameters``: ``{key: value}`` sets the ``string_value`` of parameters that the config already
+    declares (a key it lacks raises KeyError, so a typo cannot pass silently). ``replace``: ``{old: new}``
+    plain-text substitutions, each ``old`` must occur in the text (else ValueError). ``append``: lines
+    added at the end (e.g. a ``dynamic_batching`` block)."""
+    for key, value in (parameters or {}).items():
+        pattern = _parameter_pattern(key)
+        if not pattern.search(text):
+            declared = re.findall(r'key:\s*"([^"]+)"', text)
+            raise KeyError(f"parameter {key!r} is not declared in the config (it declares {declared})")
+        quoted = json.dumps(str(value), ensure_ascii=False)
+        text = pattern.sub(lambda m: m.group(1) + quoted, text)
+    for old, new in (replace or {}).items():
+        if old not in text:
+            raise ValueError(f"{old!r} does not occur in the config; nothing to replace")
+        text = text.replace(old, new)
+    if append:
+        text = text.rstrip("\n") + "\n" + textwrap.dedent(append).strip() + "\n"
+    return text
+
+
+def _version_folders(model_dir: Path) -> list[str]:
+    return sorted((p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=int)
+
+
+def copy_model(source_repository: str | os.PathLike, model: str, target_repository: str | os.PathLike, *,
+               name: str | None = None, parameters: dict | None = None, replace: dict | None = None,
+               append: str | None = None, versions: dict | None = None, validate: bool = True) -> Path:
+    """Copy ``<source_repository>/<model>`` into ``<target_repository>/<name or model>`` and return it.
+
+    ``config.pbtxt`` is written through ``substitute`` (``parameters``, ``replace``, ``append``); version folders
+    are copied whole (``__pycache__`` left out). ``versions`` renames them: ``{source: target}`` where
+    target is a version or a list of versions (one source folder copied to several), e.g.
+    ``{1: [1, 2, 3]}``; ``{}`` copies no version folder. Only the versions named are copied. With
+    ``validate`` the written config is parsed with Triton's protobuf (``parse_config``)."""
+    source = Path(source_repository) / model
+    if not (source / "config.pbtxt").is_file():
+        raise FileNotFoundError(f"{source / 'config.pbtxt'} does not exist: is {model!r} in {source_repository}?")
+    target = Path(target_repository) / (name or model)
+    target.mkdir(parents=True, exist_ok=True)
+    config = substitute((source / "config.pbtxt").read_text(), parameters=parameters, replace=replace,
+                        append=append)
+    (target / "config.pbtxt").write_text(config)
+    if versions is None:
+        versions = {v: v for v in _version_folders(source)}
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for src_version, dests in versions.items():
+        folder = source / str(src_version)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{model!r} has no version folder {src_version} in {source_repository}")
+        for dest in (dests if isinstance(dests, (list, tuple)) else [dests]):
+            shutil.copytree(folder, target / str(dest), ignore=ignore, dirs_exist_ok=True)
+    if validate:
+        parse_config(target / "config.pbtxt")
+    return target
+
+
+def diff_text(old: str | os.PathLike, new: str | os.PathLike, *, old_label: str | None = None,
+              new_label: str | None = None, context: int = 1) -> str:
+    """A unified diff (``difflib.unified_diff``) of two files (paths) or texts: what a copy changed."""
+    def read(item):
+        return Path(item).read_text() if isinstance(item, Path) else str(item)
+
+    a, b = read(old), read(new)
+    labels = (old_label or (str(old) if isinstance(old, Path) else "a"),
+              new_label or (str(new) if isinstance(new, Path) else "b"))
+    lines = difflib.unified_diff(a.splitlines(keepends=True), b.splitlines(keepends=True),
+                                 fromfile=labels[0], tofile=labels[1], n=context)
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines).rstrip("\n")
 
 
 # A Python-backend model that doubles a FP32 vector, tensors crossing through DLPack (numpy 1 and 2).

@@ -1,9 +1,12 @@
 """What only Lab 2.1 (Triton Server Basics) teaches, written to be read.
 
+* the lab's model repository is real files, ``model_repository/<model>/config.pbtxt`` and
+  ``<model>/<version>/model.py`` beside this module (``MODEL_REPOSITORY``); the writers below copy a model
+  from it into a run's repository with ``inference_course.triton.copy_model``, filling in per-run values;
 * ``config_pbtxt``: a model's ``config.pbtxt`` built from Python values, one field per line;
 * the lab's PyTorch model (``build_mlp``), served by Triton's Python backend with a ``model.py`` that
   handles a whole dynamic batch in one forward pass (``write_mlp_model``);
-* the broken model repositories of notebook 02 (``write_broken_models``);
+* the broken model repositories of notebook 02 (``write_broken_models``), copies of ``self_describing``;
 * the TorchScript artifact that the ``pytorch_libtorch`` backend of NVIDIA's container would serve
   (``export_torchscript``, ``write_libtorch_model``);
 * readers for what the server reports: statistics (``stats_summary``, ``batch_stats``), Prometheus
@@ -13,10 +16,19 @@ The server itself comes from ``inference_course.triton`` (binary, ports, start/s
 """
 from __future__ import annotations
 
-import inspect
 import json
-import textwrap
 from pathlib import Path
+
+from inference_course import triton
+
+MODEL_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+
+
+def model_file(model: str, filename: str = "config.pbtxt", version: int | None = None) -> str:
+    """The text of a file of the lab's model repository, e.g. ``model_file("mlp", "model.py", 1)``."""
+    folder = MODEL_REPOSITORY / model
+    return ((folder / str(version)) if version is not None else folder).joinpath(filename).read_text()
+
 
 # -- config.pbtxt -----------------------------------------------------------------------------------
 
@@ -120,7 +132,7 @@ NUM_CLASSES = 10
 
 
 def build_mlp(in_features: int, hidden: int, out_features: int):
-    """A three-layer MLP classifier (logits out). The same function is copied into model.py."""
+    """A three-layer MLP classifier (logits out); model_repository/mlp/1/model.py holds the same function."""
     import torch
 
     return torch.nn.Sequential(
@@ -138,84 +150,58 @@ def make_mlp(hidden: int, seed: int = 0, in_features: int = IN_FEATURES, out_fea
     return build_mlp(in_features, hidden, out_features).eval()
 
 
-MLP_MODEL_PY = '''
-"""Triton Python-backend model: the lab's MLP, one forward pass per batch of requests.
-
-Triton calls execute() with every request its scheduler collected (more than one only with dynamic
-batching). The inputs are concatenated along the batch axis, run through the model once and split back
-into one response per request. Tensors cross the backend boundary through DLPack (the bundled backend
-mis-sizes numpy 2 arrays; DLPack works with numpy 1 and 2).
-"""
-import json
-
-import torch
-from torch.utils.dlpack import from_dlpack, to_dlpack
-import triton_python_backend_utils as pb_utils
-
-
-{build_mlp}
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {{k: v["string_value"] for k, v in config["parameters"].items()}}
-        if args["model_instance_kind"] == "GPU":
-            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
-        else:
-            self.device = torch.device("cpu")
-            torch.set_num_threads(int(params.get("cpu_threads", "1")))
-        self.model = build_mlp(int(params["in_features"]), int(params["hidden"]), int(params["out_features"]))
-        weights = f"{{args['model_repository']}}/{{args['model_version']}}/weights.pt"
-        self.model.load_state_dict(torch.load(weights, map_location="cpu"))
-        self.model = self.model.eval().to(self.device)
-
-    def execute(self, requests):
-        inputs = [from_dlpack(pb_utils.get_input_tensor_by_name(r, "INPUT__0").to_dlpack()) for r in requests]
-        sizes = [x.shape[0] for x in inputs]
-        batch = torch.cat(inputs).to(self.device)
-        with torch.inference_mode():
-            logits = self.model(batch).cpu()
-        responses = []
-        for part in torch.split(logits, sizes):
-            out = pb_utils.Tensor.from_dlpack("OUTPUT__0", to_dlpack(part.contiguous()))
-            responses.append(pb_utils.InferenceResponse([out]))
-        return responses
-'''
-
-
 def mlp_model_py() -> str:
-    """The model.py source, with ``build_mlp`` copied in so the model folder is self-contained."""
-    source = textwrap.dedent(inspect.getsource(build_mlp))
-    return MLP_MODEL_PY.format(build_mlp=source).lstrip()
+    """The MLP's model.py (``model_repository/mlp/1/model.py``): ``build_mlp`` is in it, self-contained."""
+    return model_file("mlp", "model.py", 1)
 
 
-def mlp_config(*, hidden: int, device: str = "cpu", max_batch_size: int = 32, instance_count: int = 1,
-               dynamic_batching: dict | bool | None = None, in_features: int = IN_FEATURES,
-               out_features: int = NUM_CLASSES) -> str:
-    """config.pbtxt of the MLP: KIND_GPU on GPU 0 when ``device`` is cuda, else KIND_CPU."""
+def _group(device: str, instance_count: int) -> str:
+    """The instance_group line: KIND_GPU on GPU 0 when ``device`` is cuda, else KIND_CPU."""
     on_gpu = device.startswith("cuda")
-    return config_pbtxt(
-        backend="python", max_batch_size=max_batch_size,
-        inputs=[tensor("INPUT__0", "TYPE_FP32", [in_features])],
-        outputs=[tensor("OUTPUT__0", "TYPE_FP32", [out_features])],
-        instance_count=instance_count, kind="KIND_GPU" if on_gpu else "KIND_CPU", gpus=[0] if on_gpu else None,
-        dynamic_batching=dynamic_batching,
-        parameters={"in_features": in_features, "hidden": hidden, "out_features": out_features},
-    )
+    body = f"kind: {'KIND_GPU' if on_gpu else 'KIND_CPU'} count: {instance_count}" + (" gpus: [ 0 ]" if on_gpu else "")
+    return f"instance_group [ {{ {body} }} ]"
+
+
+def _shape_changes(max_batch_size: int, in_features: int, out_features: int) -> dict:
+    return {
+        "max_batch_size: 32\n": f"max_batch_size: {max_batch_size}\n",
+        'name: "INPUT__0" data_type: TYPE_FP32 dims: [ 64 ]': f'name: "INPUT__0" data_type: TYPE_FP32 dims: [ {in_features} ]',
+        'name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 10 ]': f'name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ {out_features} ]',
+    }
+
+
+def _mlp_changes(*, hidden: int, device: str = "cpu", max_batch_size: int = 32, instance_count: int = 1,
+                 dynamic_batching: dict | bool | None = None, in_features: int = IN_FEATURES,
+                 out_features: int = NUM_CLASSES) -> dict:
+    """What differs from ``model_repository/mlp/config.pbtxt``: ``parameters`` and ``replace`` for
+    ``triton.copy_model``. ``dynamic_batching``: True for the defaults or a dict of its fields."""
+    group_line = _group(device, instance_count)
+    if dynamic_batching:
+        body = "" if dynamic_batching is True else " ".join(
+            f"{k}: {_value(v)}" for k, v in dynamic_batching.items())
+        group_line += "\n" + f"dynamic_batching {{ {body} }}".replace("{  }", "{ }")
+    replace = _shape_changes(max_batch_size, in_features, out_features)
+    replace["instance_group [ { kind: KIND_CPU count: 1 } ]"] = group_line
+    parameters = {"in_features": in_features, "hidden": hidden, "out_features": out_features}
+    return {"parameters": parameters, "replace": replace}
+
+
+def mlp_config(**kw) -> str:
+    """config.pbtxt of the MLP: ``model_repository/mlp/config.pbtxt`` with ``_mlp_changes(**kw)`` applied."""
+    return triton.substitute(model_file("mlp"), **_mlp_changes(**kw))
 
 
 def write_mlp_model(repository, name: str, model, **config_kw) -> Path:
-    """Write the MLP as a Python-backend model: config.pbtxt, 1/model.py, 1/weights.pt (state_dict)."""
-    import io
-
+    """Copy ``model_repository/mlp`` to ``<repository>/<name>`` with this model's sizes and ``config_kw``
+    filled in, and save its weights as ``1/weights.pt`` (a state_dict) beside ``1/model.py``."""
     import torch
 
     first, last = model[0], model[-1]
-    config = mlp_config(hidden=first.out_features, in_features=first.in_features,
-                        out_features=last.out_features, **config_kw)
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    return write_model_dir(repository, name, config, {"model.py": mlp_model_py(), "weights.pt": buffer.getvalue()})
+    changes = _mlp_changes(hidden=first.out_features, in_features=first.in_features,
+                           out_features=last.out_features, **config_kw)
+    model_dir = triton.copy_model(MODEL_REPOSITORY, "mlp", repository, name=name, **changes)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, model_dir / "1" / "weights.pt")
+    return model_dir
 
 
 # -- the TorchScript artifact for the pytorch_libtorch backend ----------------------------------------
@@ -233,24 +219,25 @@ def export_torchscript(model, example, path) -> Path:
     return path
 
 
-def libtorch_config(*, max_batch_size: int = 32, in_features: int = IN_FEATURES,
-                    out_features: int = NUM_CLASSES, device: str = "cpu", instance_count: int = 1) -> str:
-    """config.pbtxt for ``platform: "pytorch_libtorch"``. TorchScript has no tensor names, so the backend
-    maps inputs and outputs by position through the naming convention INPUT__<i> / OUTPUT__<i>."""
-    on_gpu = device.startswith("cuda")
-    return config_pbtxt(
-        platform="pytorch_libtorch", max_batch_size=max_batch_size,
-        inputs=[tensor("INPUT__0", "TYPE_FP32", [in_features])],
-        outputs=[tensor("OUTPUT__0", "TYPE_FP32", [out_features])],
-        instance_count=instance_count, kind="KIND_GPU" if on_gpu else "KIND_CPU", gpus=[0] if on_gpu else None,
-        dynamic_batching=True,
-    )
+def _libtorch_changes(*, max_batch_size: int = 32, in_features: int = IN_FEATURES,
+                      out_features: int = NUM_CLASSES, device: str = "cpu", instance_count: int = 1) -> dict:
+    replace = _shape_changes(max_batch_size, in_features, out_features)
+    replace["instance_group [ { kind: KIND_CPU count: 1 } ]"] = _group(device, instance_count)
+    return {"replace": replace}
+
+
+def libtorch_config(**kw) -> str:
+    """config.pbtxt for ``platform: "pytorch_libtorch"`` (``model_repository/mlp_libtorch/config.pbtxt``
+    with ``kw`` filled in). TorchScript has no tensor names, so the backend maps inputs and outputs by
+    position through the naming convention INPUT__<i> / OUTPUT__<i>."""
+    return triton.substitute(model_file("mlp_libtorch"), **_libtorch_changes(**kw))
 
 
 def write_libtorch_model(repository, name: str, model, example, **config_kw) -> Path:
-    """``<repository>/<name>/config.pbtxt`` + ``1/model.pt`` (TorchScript), ready for NGC's Triton image."""
+    """Copy ``model_repository/mlp_libtorch`` to ``<repository>/<name>`` and export ``1/model.pt``
+    (TorchScript) into it, ready for NGC's Triton image."""
     first, last = model[0], model[-1]
-    model_dir = write_model_dir(repository, name, libtorch_config(
+    model_dir = triton.copy_model(MODEL_REPOSITORY, "mlp_libtorch", repository, name=name, **_libtorch_changes(
         in_features=first.in_features, out_features=last.out_features, **config_kw))
     export_torchscript(model, example, model_dir / "1" / "model.pt")
     return model_dir
@@ -258,38 +245,10 @@ def write_libtorch_model(repository, name: str, model, example, **config_kw) -> 
 
 # -- broken repositories (notebook 02) ----------------------------------------------------------------
 
-# A Python model that declares what it expects in auto_complete_config, as the ONNX Runtime or TensorRT
-# backends read it from the model file: with auto-complete on, Triton checks config.pbtxt against it.
-SELF_DESCRIBING_MODEL_PY = '''
-import torch
-from torch.utils.dlpack import from_dlpack, to_dlpack
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    @staticmethod
-    def auto_complete_config(config):
-        """What this model expects; Triton merges it into (and checks it against) config.pbtxt."""
-        config.add_input({"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [4]})
-        config.add_output({"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [4]})
-        config.set_max_batch_size(8)
-        config.set_dynamic_batching()
-        return config
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            x = from_dlpack(pb_utils.get_input_tensor_by_name(request, "INPUT0").to_dlpack())
-            y = pb_utils.Tensor.from_dlpack("OUTPUT0", to_dlpack((x * 2).contiguous()))
-            responses.append(pb_utils.InferenceResponse([y]))
-        return responses
-'''
-
-SELF_DESCRIBING_FULL_CONFIG = config_pbtxt(
-    backend="python", max_batch_size=8,
-    inputs=[tensor("INPUT0", "TYPE_FP32", [4])], outputs=[tensor("OUTPUT0", "TYPE_FP32", [4])],
-    instance_count=1, dynamic_batching=True,
-)
+# model_repository/self_describing: a Python model that declares what it expects in auto_complete_config,
+# as the ONNX Runtime or TensorRT backends read it from the model file: with auto-complete on, Triton
+# checks config.pbtxt against it.
+SELF_DESCRIBING_MODEL_PY = model_file("self_describing", "model.py", 1)
 
 BROKEN_MODELS = {
     "dims_mismatch": "config.pbtxt says dims [3]; the model expects [4]",
@@ -297,19 +256,22 @@ BROKEN_MODELS = {
     "wrong_backend": 'backend: "pyhton" (a typo of python)',
 }
 
+# What each broken copy changes in self_describing (copy_model's arguments; versions {} = no version folder).
+BROKEN_CHANGES = {
+    "dims_mismatch": {"replace": {'name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ]':
+                                  'name: "INPUT0" data_type: TYPE_FP32 dims: [ 3 ]'}},
+    "missing_version": {"versions": {}},
+    "wrong_backend": {"replace": {'backend: "python"': 'backend: "pyhton"'}},
+}
+
 
 def write_broken_models(repository) -> dict[str, Path]:
-    """The three broken models of notebook 02, each beside a correct config otherwise."""
-    repository = Path(repository)
-    model = {"model.py": SELF_DESCRIBING_MODEL_PY.lstrip()}
-    made = {}
-    made["dims_mismatch"] = write_model_dir(
-        repository, "dims_mismatch", SELF_DESCRIBING_FULL_CONFIG.replace("[ 4 ]", "[ 3 ]"), model)
-    missing = write_model_dir(repository, "missing_version", SELF_DESCRIBING_FULL_CONFIG, model, versions=())
-    (missing / "model.py").write_text(model["model.py"])  # the file is there, one level too high
-    made["missing_version"] = missing
-    made["wrong_backend"] = write_model_dir(
-        repository, "wrong_backend", SELF_DESCRIBING_FULL_CONFIG.replace('"python"', '"pyhton"'), model)
+    """The three broken models of notebook 02: copies of ``model_repository/self_describing``, each with
+    one change (``BROKEN_CHANGES``)."""
+    made = {name: triton.copy_model(MODEL_REPOSITORY, "self_describing", repository, name=name, **changes)
+            for name, changes in BROKEN_CHANGES.items()}
+    # missing_version: the file is there, one level too high
+    (made["missing_version"] / "model.py").write_text(SELF_DESCRIBING_MODEL_PY)
     return made
 
 
@@ -396,28 +358,9 @@ def read_perf_analyzer_csv(path):
 
 # -- a versioned model (notebook 02) ------------------------------------------------------------------
 
-# Every version folder holds the same file; the version number decides the factor, so a response tells
-# which version answered.
-SCALER_MODEL_PY = '''
-import torch
-from torch.utils.dlpack import from_dlpack, to_dlpack
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    """OUTPUT0 = version * INPUT0: version 1 copies, version 2 doubles, version 3 triples."""
-
-    def initialize(self, args):
-        self.factor = float(args["model_version"])
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            x = from_dlpack(pb_utils.get_input_tensor_by_name(request, "INPUT0").to_dlpack())
-            y = pb_utils.Tensor.from_dlpack("OUTPUT0", to_dlpack((x * self.factor).contiguous()))
-            responses.append(pb_utils.InferenceResponse([y]))
-        return responses
-'''
+# model_repository/scaler/1/model.py: every version folder holds the same file; the version number decides
+# the factor, so a response tells which version answered.
+SCALER_MODEL_PY = model_file("scaler", "model.py", 1)
 
 
 def ready_versions(client, model: str) -> list[int]:

@@ -2,7 +2,11 @@
 
 What only this lab teaches, written to be read:
 
-- ``LLM_MODEL_PY``: a Python-backend *generate* model around transformers, decoupled (one response per
+- The lab's models are real files in ``model_repository/`` beside this module (``MODEL_REPOSITORY``):
+  ``<model>/config.pbtxt`` and ``<model>/1/model.py``. The writers below copy one into a run's
+  repository with ``inference_course.triton.copy_model`` and fill in what differs per run (model
+  folder, instance kind, sleep times, batch limits) as config parameters or text substitutions.
+- ``llm``: a Python-backend *generate* model around transformers, decoupled (one response per
   token through ``response_sender``), and ``stream_generate`` that consumes it with gRPC streaming.
 - Model writers: the LLM, a small MLP classifier whose versions live side by side (weights and a
   ``behavior.json`` per version folder), and a ``sleeper`` whose compute time is set by its config.
@@ -23,10 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import queue
 import random
-import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +37,15 @@ from pathlib import Path
 import numpy as np
 
 from inference_course import triton
+
+MODEL_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+
+
+def model_file(model: str, filename: str = "config.pbtxt", version: int | None = None) -> str:
+    """The text of a file of the lab's model repository, e.g. ``model_file("llm", "model.py", 1)``."""
+    folder = MODEL_REPOSITORY / model
+    return ((folder / str(version)) if version is not None else folder).joinpath(filename).read_text()
+
 
 def start_server(repository, *, model_control_mode: str = "none", load_models=(), extra_args=(), **kw):
     """``inference_course.triton.triton_server`` with a 2 s exit timeout (use it with ``with``)."""
@@ -45,94 +56,28 @@ def start_server(repository, *, model_control_mode: str = "none", load_models=()
 
 # -- the LLM generate model (Python backend, decoupled) ----------------------------------------------
 
-LLM_MODEL_PY = '''
-import json
-
-import torch
-from torch.utils.dlpack import from_dlpack, to_dlpack
-import triton_python_backend_utils as pb_utils
+# model_repository/llm/1/model.py: token-by-token generation, one response per token (decoupled).
+LLM_MODEL_PY = model_file("llm", "model.py", 1)
 
 
-class TritonPythonModel:
-    """Token-by-token generation with transformers; one response per new token (decoupled mode)."""
-
-    def initialize(self, args):
-        from transformers import AutoModelForCausalLM
-
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        gpu = args["model_instance_kind"] == "GPU"
-        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
-        dtype = getattr(torch, params.get("dtype", "float32"))
-        self.model = AutoModelForCausalLM.from_pretrained(params["model_dir"], dtype=dtype).to(self.device).eval()
-        self.temperature = float(params.get("temperature", "0"))
-        self.default_max_tokens = int(params.get("max_tokens", "32"))
-        self.eos = self.model.generation_config.eos_token_id
-        self.eos = set(self.eos if isinstance(self.eos, list) else [self.eos])
-        self.generator = torch.Generator(device=self.device).manual_seed(int(params.get("seed", "0")))
-
-    def _tensor(self, request, name):
-        t = pb_utils.get_input_tensor_by_name(request, name)
-        return None if t is None else from_dlpack(t.to_dlpack())
-
-    @torch.inference_mode()
-    def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                ids = self._tensor(request, "INPUT_IDS").to(torch.int64).reshape(1, -1).to(self.device)
-                limit = self._tensor(request, "MAX_TOKENS")
-                max_tokens = int(limit.reshape(-1)[0]) if limit is not None else self.default_max_tokens
-                past, step_input = None, ids
-                for _ in range(max_tokens):
-                    out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
-                    past, logits = out.past_key_values, out.logits[0, -1].float()
-                    if self.temperature > 0:
-                        probs = torch.softmax(logits / self.temperature, dim=-1)
-                        token = torch.multinomial(probs, 1, generator=self.generator)
-                    else:
-                        token = logits.argmax().reshape(1)
-                    token = token.to(torch.int64).cpu().contiguous()
-                    sender.send(pb_utils.InferenceResponse(
-                        [pb_utils.Tensor.from_dlpack("TOKEN_ID", to_dlpack(token))]))
-                    if int(token[0]) in self.eos:
-                        break
-                    step_input = token.reshape(1, 1).to(self.device)
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            except Exception as exc:  # the client sees the reason, the stream is closed
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
-'''
+def _llm_changes(model_dir: str, *, kind: str = "KIND_CPU", temperature: float = 0.0, max_tokens: int = 32,
+                 seed: int = 0, dtype: str = "float32") -> dict:
+    replace = {} if kind == "KIND_CPU" else {"kind: KIND_CPU": f"kind: {kind}"}
+    return {"parameters": {"model_dir": model_dir, "temperature": temperature, "max_tokens": max_tokens,
+                           "seed": seed, "dtype": dtype}, "replace": replace}
 
 
-def llm_config(model_dir: str, *, kind: str = "KIND_CPU", temperature: float = 0.0, max_tokens: int = 32,
-               seed: int = 0, dtype: str = "float32") -> str:
-    """config.pbtxt of the generate model: decoupled, token ids in, one TOKEN_ID per response out.
-    ``dtype`` is a torch dtype name; float32 (default) keeps greedy answers identical to a float32
-    reference on CPU or GPU (bfloat16 can change this small model's answers)."""
-    return f'''
-    backend: "python"
-    max_batch_size: 0
-    model_transaction_policy {{ decoupled: true }}
-    input [
-      {{ name: "INPUT_IDS" data_type: TYPE_INT64 dims: [ -1 ] }},
-      {{ name: "MAX_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }}
-    ]
-    output [ {{ name: "TOKEN_ID" data_type: TYPE_INT64 dims: [ 1 ] }} ]
-    instance_group [ {{ kind: {kind} count: 1 }} ]
-    parameters [
-      {{ key: "model_dir" value: {{ string_value: "{model_dir}" }} }},
-      {{ key: "temperature" value: {{ string_value: "{temperature}" }} }},
-      {{ key: "max_tokens" value: {{ string_value: "{max_tokens}" }} }},
-      {{ key: "seed" value: {{ string_value: "{seed}" }} }},
-      {{ key: "dtype" value: {{ string_value: "{dtype}" }} }}
-    ]
-    '''
+def llm_config(model_dir: str, **kw) -> str:
+    """config.pbtxt of the generate model (``model_repository/llm/config.pbtxt``) with the model folder,
+    instance ``kind``, ``temperature``, ``max_tokens``, ``seed`` and ``dtype`` (a torch dtype name;
+    float32, the default, keeps greedy answers identical to a float32 reference on CPU or GPU) filled in."""
+    return triton.substitute(model_file("llm"), **_llm_changes(model_dir, **kw))
 
 
 def write_llm_model(repository, name: str, model_dir: str, **config_kw) -> Path:
-    return triton.write_model(repository, name, llm_config(model_dir, **config_kw), LLM_MODEL_PY)
+    """Copy ``model_repository/llm`` to ``<repository>/<name>`` with the per-run values filled in."""
+    return triton.copy_model(MODEL_REPOSITORY, "llm", repository, name=name,
+                             **_llm_changes(str(model_dir), **config_kw))
 
 
 @dataclass
@@ -190,65 +135,19 @@ def stream_generate(grpc_url: str, model: str, input_ids, max_tokens: int | None
 
 # -- small non-LLM models ---------------------------------------------------------------------------
 
-CLASSIFIER_CONFIG = '''
-backend: "python"
-max_batch_size: 64
-input [ { name: "FEATURES" data_type: TYPE_FP32 dims: [ 2 ] } ]
-output [ { name: "PROBS" data_type: TYPE_FP32 dims: [ 2 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-'''
-
-CLASSIFIER_MODEL_PY = '''
-import json
-import os
-import random
-import time
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    """An MLP whose weights (weights.npz) and behaviour (behavior.json) live in the version folder.
-
-    behavior.json can make a version deliberately bad: ``error_rate`` (fraction of requests that
-    fail) and ``delay_ms`` (extra time per execution). numpy only (a stub that imports torch takes
-    seconds to start); tensors still cross through DLPack (np.from_dlpack / Tensor.from_dlpack)."""
-
-    def initialize(self, args):
-        folder = os.path.join(args["model_repository"], args["model_version"])
-        weights = np.load(os.path.join(folder, "weights.npz"))
-        self.layers = [(weights[f"W{i}"], weights[f"b{i}"]) for i in range(len(weights.files) // 2)]
-        path = os.path.join(folder, "behavior.json")
-        self.behavior = json.load(open(path)) if os.path.exists(path) else {}
-        self.rng = random.Random(int(args["model_version"]))
-
-    def execute(self, requests):
-        delay = self.behavior.get("delay_ms", 0) / 1000
-        if delay:
-            time.sleep(delay)
-        responses = []
-        for request in requests:
-            if self.rng.random() < self.behavior.get("error_rate", 0):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("injected failure")))
-                continue
-            x = np.from_dlpack(pb_utils.get_input_tensor_by_name(request, "FEATURES")).astype(np.float32)
-            for i, (W, b) in enumerate(self.layers):
-                x = x @ W + b
-                if i < len(self.layers) - 1:
-                    x = np.maximum(x, 0)
-            e = np.exp(x - x.max(axis=-1, keepdims=True))
-            probs = np.ascontiguousarray(e / e.sum(axis=-1, keepdims=True), dtype=np.float32)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("PROBS", probs)]))
-        return responses
-'''
+# model_repository/clf: config.pbtxt (shared by all versions) and 1/model.py (the same in every version).
+CLASSIFIER_CONFIG = model_file("clf")
+CLASSIFIER_MODEL_PY = model_file("clf", "model.py", 1)
 
 
 def write_classifier_version(repository, name: str, version: int, layers, *, behavior: dict | None = None,
                              config: str = CLASSIFIER_CONFIG) -> Path:
-    """One version folder of the classifier: model.py, weights.npz (``layers`` = [(W, b), ...]) and
-    behavior.json. Writes config.pbtxt too (shared by all versions of the model)."""
-    model_dir = triton.write_model(repository, name, config, CLASSIFIER_MODEL_PY, version=version)
+    """One version folder of the classifier: model.py (copied from ``model_repository/clf/1``),
+    weights.npz (``layers`` = [(W, b), ...]) and behavior.json. Writes ``config`` as config.pbtxt too
+    (shared by all versions of the model)."""
+    model_dir = triton.copy_model(MODEL_REPOSITORY, "clf", repository, name=name, versions={1: version})
+    if config != CLASSIFIER_CONFIG:
+        (model_dir / "config.pbtxt").write_text(config)
     folder = model_dir / str(version)
     arrays = {}
     for i, (W, b) in enumerate(layers):
@@ -313,51 +212,32 @@ def predict(layers, features):
     return h.argmax(axis=1)
 
 
-SLEEPER_MODEL_PY = '''
-import json
-import time
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
+# model_repository/sleeper/1/model.py: sleeps base_ms + per_item_ms * rows per execution.
+SLEEPER_MODEL_PY = model_file("sleeper", "model.py", 1)
 
 
-class TritonPythonModel:
-    """Compute time set by the config: each execution sleeps base_ms + per_item_ms * rows in the batch.
-    Sleeping (not computing) keeps the timing deterministic on a 2-core machine."""
-
-    def initialize(self, args):
-        params = json.loads(args["model_config"]).get("parameters", {})
-        self.base = float(params["base_ms"]["string_value"]) / 1000
-        self.per_item = float(params["per_item_ms"]["string_value"]) / 1000
-
-    def execute(self, requests):
-        xs = [np.from_dlpack(pb_utils.get_input_tensor_by_name(r, "INPUT")) for r in requests]
-        rows = sum(int(x.shape[0]) for x in xs)
-        time.sleep(self.base + self.per_item * rows)
-        return [pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("OUTPUT", x.copy())])
-                for x in xs]
-'''
+def _sleeper_changes(*, base_ms: float = 20, per_item_ms: float = 2, max_batch_size: int = 16,
+                     instance_count: int = 1, extra: str = "", instance_extra: str = "") -> dict:
+    replace = {}
+    if max_batch_size != 16:
+        replace["max_batch_size: 16\n"] = f"max_batch_size: {max_batch_size}\n"
+    if instance_count != 1 or instance_extra:
+        replace["{ kind: KIND_CPU count: 1 }"] = f"{{ kind: KIND_CPU count: {instance_count} {instance_extra} }}"
+    return {"parameters": {"base_ms": base_ms, "per_item_ms": per_item_ms}, "replace": replace,
+            "append": extra or None}
 
 
-def sleeper_config(*, base_ms: float = 20, per_item_ms: float = 2, max_batch_size: int = 16,
-                   instance_count: int = 1, extra: str = "", instance_extra: str = "") -> str:
-    """config.pbtxt of the sleeper; ``extra`` is appended (e.g. a dynamic_batching block) and
-    ``instance_extra`` goes inside the instance group (e.g. a rate_limiter block)."""
-    return f'''
-    backend: "python"
-    max_batch_size: {max_batch_size}
-    input [ {{ name: "INPUT" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-    output [ {{ name: "OUTPUT" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-    instance_group [ {{ kind: KIND_CPU count: {instance_count} {instance_extra} }} ]
-    parameters [
-      {{ key: "base_ms" value: {{ string_value: "{base_ms}" }} }},
-      {{ key: "per_item_ms" value: {{ string_value: "{per_item_ms}" }} }}
-    ]
-    ''' + textwrap.dedent(extra)
+def sleeper_config(**kw) -> str:
+    """config.pbtxt of the sleeper (``model_repository/sleeper/config.pbtxt``) with ``base_ms``,
+    ``per_item_ms``, ``max_batch_size`` and ``instance_count`` filled in; ``extra`` is appended (e.g. a
+    dynamic_batching block) and ``instance_extra`` goes inside the instance group (e.g. a rate_limiter
+    block)."""
+    return triton.substitute(model_file("sleeper"), **_sleeper_changes(**kw))
 
 
 def write_sleeper(repository, name: str = "sleeper", **config_kw) -> Path:
-    return triton.write_model(repository, name, sleeper_config(**config_kw), SLEEPER_MODEL_PY)
+    """Copy ``model_repository/sleeper`` to ``<repository>/<name>`` with ``sleeper_config``'s changes."""
+    return triton.copy_model(MODEL_REPOSITORY, "sleeper", repository, name=name, **_sleeper_changes(**config_kw))
 
 
 def sleeper_call(http_url: str, model: str = "sleeper", rows: int = 1, priority: int = 0,
