@@ -16,6 +16,9 @@ What it does:
   offered load is at most ``U × user_rate`` req/s, as long as a request takes less than ``1 / user_rate``.
 * ``StagesShape`` (a ``LoadTestShape``) walks through the stages: how many users, for how long, and how fast
   they are started. When the last stage ends it returns None and locust stops.
+* A stage with ``"send": false`` (the notebook ends with one, "drain") keeps its users but they start no new
+  request: the requests sent in the stage before it run to their end and are counted. Locust stops a user that
+  is still inside a request when the test ends, and that request would then be missing from the statistics.
 
 The settings come from a JSON file named by ``$LOCUST_CONFIG`` (the notebook writes one sized for its
 profile); without it, the defaults below apply::
@@ -91,8 +94,16 @@ class CompletionUser(HttpUser):
         self.environment.events.request.fire(request_type=request_type, name=name, response_time=seconds * 1000,
                                              response_length=0, exception=exception, context={})
 
+    def sends(self) -> bool:
+        shape = self.environment.shape_class
+        stage = stage_at(shape.get_run_time()) if shape is not None else None
+        return stage is None or stage.get("send", True)
+
     @task
     def completion(self):
+        if not self.sends():
+            time.sleep(0.2)  # a draining stage: let the requests in flight finish, start none
+            return
         stage = self.stage_name()
         body = {"model": CONFIG["model"], "prompt": next(self.prompts), "max_tokens": CONFIG["max_tokens"],
                 "temperature": 0, "ignore_eos": True, "stream": True}
