@@ -39,7 +39,7 @@ model: env
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test: model
-	$(BIN)/python -m pytest tests 02-Labs $(NBVAL) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests 02-Labs $(NBVAL) --durations=30 $(PYTEST_ARGS)
 
 test-fast: env
 	$(BIN)/python -m pytest tests -m "not engine" $(PYTEST_ARGS)
