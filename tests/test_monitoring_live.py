@@ -106,7 +106,13 @@ def test_every_rule_evaluates(stack):
     for kind, name, expr in monitoring.rule_expressions():
         if kind == "record":
             monitoring.wait_for(prom, name, monitoring.finite, timeout=20)
+    # Each rule group runs on its own schedule (interval 15s): the alert group may not have evaluated yet when
+    # the recording rules have (its rules' health is then "unknown"). Wait for one evaluation of every rule.
+    deadline = time.monotonic() + 40
     loaded = monitoring.rules(prom)
+    while any(r["health"] == "unknown" for r in loaded) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        loaded = monitoring.rules(prom)
     assert {r["name"] for r in loaded} == {name for _, name, _ in monitoring.rule_expressions()}
     bad = [(r["name"], r["health"], r["error"]) for r in loaded if r["health"] != "ok"]
     assert not bad, f"rules Prometheus could not evaluate: {bad}"

@@ -398,7 +398,9 @@ def test_engine_death_is_seen_and_a_restart_recovers(service, max_model_len):
 
 
 def test_sigterm_drains_the_streams_in_flight_then_exits(service):
-    k, tokens = 3, 32
+    # Long enough that no stream can end before the last one has started (32 tokens did on a fast CI machine:
+    # the first two streams were done before SIGTERM), short enough for the drain on 2 cores.
+    k, tokens = 3, 96
     results: list = [None] * k
     first_chunk = [threading.Event() for _ in range(k)]
 
