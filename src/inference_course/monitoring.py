@@ -119,6 +119,19 @@ def amtool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def _first_match(items, predicate, timeout: float, poll: float, what: str, describe):
+    """The first of ``items()`` for which ``predicate`` holds, polling every ``poll`` s; after ``timeout`` s a
+    TimeoutError saying what did arrive (``describe(items())``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for item in items():
+            if predicate(item):
+                return item
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no matching {what} within {timeout:g} s; received: {describe(items()) or 'none'}")
+        time.sleep(poll)
+
+
 class WebhookReceiver:
     """An HTTP endpoint Alertmanager can notify (its webhook_config): it keeps every notification with the
     time it arrived. A context manager; serves on 127.0.0.1 in a thread::
@@ -165,16 +178,8 @@ class WebhookReceiver:
 
     def wait_for(self, predicate, timeout: float = 120, poll: float = 0.2) -> dict:
         """The first notification for which ``predicate(notification)`` holds; TimeoutError naming what came."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for note in self.received():
-                if predicate(note):
-                    return note
-            if time.monotonic() > deadline:
-                seen = [(n["status"], sorted({a["labels"].get("alertname", "?") for a in n["alerts"]}))
-                        for n in self.received()]
-                raise TimeoutError(f"no matching notification within {timeout:g} s; received: {seen or 'none'}")
-            time.sleep(poll)
+        return _first_match(self.received, predicate, timeout, poll, "notification", lambda notes: [
+            (n["status"], sorted({a["labels"].get("alertname", "?") for a in n["alerts"]})) for n in notes])
 
     def close(self) -> None:
         self._server.shutdown()
@@ -378,15 +383,8 @@ class SpanSink:
             return list(self._spans)
 
     def wait_for(self, predicate, timeout: float = 60, poll: float = 0.2) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for span in self.spans():
-                if predicate(span):
-                    return span
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no matching span within {timeout:g} s; received: "
-                                   f"{sorted({s['name'] for s in self.spans()}) or 'none'}")
-            time.sleep(poll)
+        return _first_match(self.spans, predicate, timeout, poll, "span",
+                            lambda spans: sorted({s["name"] for s in spans}))
 
     def close(self) -> None:
         self._sink.stop()
