@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "02-Labs/vLLM_Track/Lab-2.5-Performance_Monitoring"))
@@ -31,20 +32,10 @@ reqs_total{code="500"} 1
 """
 
 
-class Page:
-    def __init__(self, text):
-        self.text = text
-
-    def raise_for_status(self):
-        pass
-
-
-class Client:
-    def __init__(self, text):
-        self.text = text
-
-    def get(self, path):
-        return Page(self.text)
+def Client(text):  # noqa: N802 - reads like the class it returns
+    """An httpx client whose every GET answers ``text`` (httpx's own MockTransport)."""
+    return httpx.Client(base_url="http://metrics.test",
+                        transport=httpx.MockTransport(lambda request: httpx.Response(200, text=text)))
 
 
 def test_families_lists_types_labels_series_and_buckets():
