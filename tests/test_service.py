@@ -220,9 +220,15 @@ def test_disconnect_aborts_the_engine_request(service, max_model_len):
         received += 1
         if received == 3:
             break
+    assert received == 3, f"the stream ended after {received} chunks, before the client could leave it"
     # vllm:num_requests_running is set from the scheduler's stats as engine steps come back, which can lag
     # the first chunks on a busy 2-core machine: wait for it rather than read it once.
-    wait_until(lambda: running() >= 1, 20, "vllm:num_requests_running >= 1 while the stream is open")
+    try:
+        wait_until(lambda: running() >= 1, 20, "vllm:num_requests_running >= 1 while the stream is open")
+    except AssertionError as error:  # seen once in CI (2026-11-30): say what the engine and the service did
+        tail = "\n".join(service.log_path.read_text(errors="replace").splitlines()[-15:])
+        raise AssertionError(f"{error}; {generated() - before:g} tokens generated since the request; its access-log "
+                             f"lines: {log_lines_for(service, 'disconnect-1')}; the service log ends:\n{tail}") from None
     stream.close()
     wait_until(lambda: running() == 0, 20, "vllm:num_requests_running back to 0 after the client left")
     settled = generated()

@@ -55,6 +55,9 @@ class Profile:
             gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager,
             seed=0,
+            # vLLM's weight-loading and CUDA-graph progress bars pass tqdm an explicit disable=False, so
+            # TQDM_DISABLE does not reach them; they wrote progress noise into the GPU outputs (2026-11-30).
+            use_tqdm_on_load=False,
         )
         kw.update(overrides)
         return kw
