@@ -375,7 +375,7 @@ def _first_inference_outputs() -> str:
 
 
 def test_quoted_measurements_match_the_committed_notebook():
-    """The documents quote numbers of one committed run of Lab 2.1 notebook 01 (gpu profile, H100).
+    """The documents quote numbers of one committed run of Lab 2.1 notebook 01 (gpu profile, on the GPU it prints).
 
     When that notebook is re-run and committed with new outputs, this test lists the new values: update
     the quoted numbers and everything derived from them (2.1 sections 1.4 and 2.3, answer 1.5-3;
@@ -386,7 +386,7 @@ def test_quoted_measurements_match_the_committed_notebook():
     out = _first_inference_outputs()
     found = {
         "profile": re.search(r"profile: (\w+)", out),
-        "gpu_gib": re.search(r"GPU: [^\n(]*\(([\d.]+) GiB\)", out),
+        "gpu": re.search(r"GPU: NVIDIA (\S+) \(([\d.]+) GiB\)", out),
         "start_s": re.search(r"vLLM engine start: ([\d.]+) s", out),
         "batch": re.search(r"batch of (\d+): (\d+) output tokens in ([\d.]+) s -> ([\d,]+) tok/s", out),
         "seq": re.search(r"one at a time \((\d+) prompts\): (\d+) output tokens in ([\d.]+) s -> ([\d,]+) tok/s", out),
@@ -394,9 +394,10 @@ def test_quoted_measurements_match_the_committed_notebook():
     absent = [key for key, match in found.items() if match is None]
     assert not absent, f"{FIRST_INFERENCE.relative_to(ROOT)} has no outputs for {absent}: run it and commit the outputs"
     assert found["profile"].group(1) == "gpu", "the documents quote the gpu-profile run of notebook 01"
-    gib, start = found["gpu_gib"].group(1), found["start_s"].group(1)
+    gpu, gib = found["gpu"].group(1), found["gpu"].group(2)
+    start = found["start_s"].group(1)
     batch_s, batch_tps, seq_tps = found["batch"].group(3), found["batch"].group(4), found["seq"].group(4)
-    expected_21 = [f"**{seq_tps} output tok/s**", f"**{batch_tps} output tok/s**", f"H100 記憶體是 {gib} GiB",
+    expected_21 = [f"**{seq_tps} output tok/s**", f"**{batch_tps} output tok/s**", f"{gpu} 記憶體是 {gib} GiB",
                    f"花 {batch_s} 秒"]
     expected_22 = [f"**{start} s**", f"| 一次一個 | {seq_tps} |", f"| {batch_tps} |"]
     problems = [f"2.1 lacks '{s}'" for s in _missing(_doc(DOCUMENTS[0]), expected_21)]
