@@ -38,7 +38,7 @@ SOLUTIONS = sorted(LABS.glob("*/*/solutions/*.ipynb"))
 # whole path (fill in, execute, grade) on real notebooks every run. The other labs start engines or load the
 # LLM for minutes and the CI budget (60 min on 2 cores) has no room for running them twice:
 # COURSE_WRONG_ANSWERS=all runs them (each lab's were run so before it was committed).
-CHEAP = ("Triton_Track/Lab-2.1-Triton_Server_Basics/",)
+CHEAP = ("Triton_Track/Lab-2.1-Triton_Server_Basics/", "Triton_Track/Lab-2.3-Backend_Integration/")
 
 
 def rel(path: Path) -> str:

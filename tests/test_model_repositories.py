@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.glob("02-Labs/*/*/model_repository/*/config.pbtxt"))
 LAB21 = ROOT / "02-Labs/Triton_Track/Lab-2.1-Triton_Server_Basics"
 LAB22 = ROOT / "02-Labs/Triton_Track/Lab-2.2-Multi_Model_Management"
-for lab in (LAB21, LAB22):
+LAB23 = ROOT / "02-Labs/Triton_Track/Lab-2.3-Backend_Integration"
+for lab in (LAB21, LAB22, LAB23):
     sys.path.insert(0, str(lab))
 
 import multi_model_helpers as mm  # noqa: E402
@@ -32,7 +33,7 @@ def _id(path: Path) -> str:
 
 def test_every_triton_lab_has_a_model_repository():
     labs = {p.parents[2].name for p in CONFIGS}
-    assert {LAB21.name, LAB22.name} <= labs, labs
+    assert {LAB21.name, LAB22.name, LAB23.name} <= labs, labs
 
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=_id)
@@ -50,7 +51,8 @@ def test_python_models_have_a_version_folder_with_model_py_that_compiles(config_
     config = triton.parse_config(config_path)
     model_dir = config_path.parent
     if config.backend != "python":
-        pytest.skip(f"{config.platform or config.backend}: the version folder holds an artefact a notebook exports")
+        pytest.skip(f"{config.platform or config.backend}: no model.py; the version folder holds an artefact "
+                    "(a notebook exports it, or, for TensorRT, it is built on a machine with TensorRT)")
     versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     assert versions, f"{model_dir} has no numbered version folder (1/, 2/, ...)"
     for version in versions:
@@ -159,11 +161,13 @@ needs_triton = pytest.mark.skipif(triton.pytriton_root() is None,
 @pytest.mark.parametrize("lab,models", [
     (LAB21, ["doubler", "mlp", "scaler", "self_describing"]),
     (LAB22, ["doubler", "sleeper"]),
-], ids=["Lab-2.1", "Lab-2.2"])
+    (LAB23, ["py_torch_eager"]),
+], ids=["Lab-2.1", "Lab-2.2", "Lab-2.3"])
 def test_lab_models_load_and_answer_from_the_files_as_they_are(tmp_path, lab, models):
     """The lab folder copied unchanged (the NGC container would mount it): the models that need no
     per-run file load and answer. (mlp builds its weights from its seed when 1/weights.pt is absent;
-    clf needs weights.npz and llm a model folder: notebooks write those.)"""
+    clf needs weights.npz and llm a model folder; Lab 2.3's py_torch_eager builds its CNN from its seed, the
+    other runtimes need the artefacts the notebook exports.)"""
     import tritonclient.http as httpclient
 
     repo = shutil.copytree(lab / "model_repository", tmp_path / "model_repository",
@@ -183,9 +187,22 @@ def test_lab_models_load_and_answer_from_the_files_as_they_are(tmp_path, lab, mo
                 with torch.no_grad():
                     expected = H.make_mlp(512, seed=0)(torch.from_numpy(x)).numpy()
                 assert np.allclose(got, expected, atol=1e-5)  # the seeded weights are make_mlp's
-            x = np.array([[1.0, -2.0, 3.5]], dtype=np.float32)
-            inp = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            assert np.array_equal(client.infer("doubler", [inp]).as_numpy("OUTPUT0"), 2 * x)
+            if "py_torch_eager" in models:
+                import torch
+
+                import backend_integration_helpers as B
+
+                x = B.images(3)
+                inp = httpclient.InferInput(B.INPUT, list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                got = client.infer("py_torch_eager", [inp]).as_numpy(B.OUTPUT)
+                with torch.no_grad():
+                    expected = B.make_cnn(16, seed=0)(torch.from_numpy(x)).numpy()
+                assert np.allclose(got, expected, atol=1e-5)  # the seeded weights are make_cnn's
+            if "doubler" in models:
+                x = np.array([[1.0, -2.0, 3.5]], dtype=np.float32)
+                inp = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                assert np.array_equal(client.infer("doubler", [inp]).as_numpy("OUTPUT0"), 2 * x)
         finally:
             client.close()
