@@ -1,9 +1,11 @@
 """Tests of Triton Lab 2.3's helpers: the CNN and its artefacts (TorchScript, ONNX, OpenVINO IR), the
 runtimes called directly, the per-run copies of the lab's model repository, the native-backend checks,
-and the four Python-backend models served by the real tritonserver (bundled in nvidia-pytriton).
+the four Python-backend models served by the real tritonserver (bundled in nvidia-pytriton), and notebook
+02's accelerated variants (ONNX Runtime optimization levels, int8, OpenVINO's default precision, the
+TensorRT accelerator config).
 
 One server serves the module's live tests; each Python-backend model starts a stub process that imports
-torch and its runtime (about a second each on 2 cores), so the file takes ~10 s.
+torch and its runtime (about a second each on 2 cores); the file took 35 s while a CI run shared the 2 cores.
 """
 import ast
 import inspect
@@ -35,6 +37,21 @@ def model():
 @pytest.fixture(scope="module")
 def artifacts(model, tmp_path_factory):
     return H.export_artifacts(model, tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="module")
+def int8(artifacts):
+    """The static int8 graph of the test model, calibrated on two seeded batches."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{H.INPUT: H.images(8, seed=100 + i)} for i in range(2)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    return H.quantize_int8(artifacts["model.onnx"], Path(artifacts["model.onnx"]).with_name("model_int8.onnx"), Reader())
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +137,55 @@ def test_native_repositories_parse_and_report_what_is_missing(artifacts, tmp_pat
     assert any("input names" in p for p in problems) and any("config dims [10], graph [11]" in p for p in problems)
 
 
+def test_ort_levels_keep_outputs_and_never_add_nodes(artifacts, tmp_path):
+    x = H.images(5, seed=7)
+    exported = sum(H.op_counts(artifacts["model.onnx"]).values())
+    outputs = {}
+    for level in H.ORT_LEVELS:
+        saved = tmp_path / f"{level}.onnx"
+        outputs[level] = H.ort_session(artifacts["model.onnx"], level=level, optimized_path=saved).run(None, {H.INPUT: x})[0]
+        assert saved.is_file() and sum(H.op_counts(saved).values()) <= exported, level
+    assert "FusedConv" in H.op_counts(tmp_path / "extended.onnx")
+    assert all(np.allclose(out, outputs["disabled"], atol=1e-5, rtol=1e-5) for out in outputs.values())
+
+
+def test_int8_stays_within_its_tolerance_of_f32(artifacts, int8, reference, tmp_path):
+    x = H.images(5, seed=7)
+    dynamic = H.quantize_int8(artifacts["model.onnx"], tmp_path / "dynamic.onnx")
+    for path in (int8, dynamic):
+        ops = H.op_counts(path)
+        assert "QuantizeLinear" in ops or "DynamicQuantizeLinear" in ops, ops
+        max_diff, top1 = H.accuracy(H.ort_session(path).run(None, {H.INPUT: x})[0], reference)
+        assert 0 < max_diff < 0.5 and top1 >= 0.8, (path.name, max_diff, top1)
+
+
+def test_accuracy_and_the_tensorrt_accelerator_config():
+    a = np.array([[0.0, 1.0], [1.0, 0.0]])
+    assert H.accuracy(a, a) == (0.0, 1.0)
+    assert H.accuracy(a, a[::-1]) == (1.0, 0.0)
+    config = triton.parse_config(H.MODEL_REPOSITORY / H.TRT_ACCELERATED)
+    assert config.platform == "onnxruntime_onnx"
+    assert H.trt_accelerator(config) == {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}
+    assert H.trt_accelerator(triton.parse_config(H.MODEL_REPOSITORY / "native_onnxruntime")) is None
+
+
+def test_accelerated_copies_differ_only_in_their_parameters(artifacts, int8, tmp_path):
+    made = H.write_accelerated_models(tmp_path, artifacts, int8, max_batch_size=8, threads=2)
+    assert set(made) == set(H.ACCELERATED_MODELS)
+    for name, (source, parameters, filename) in H.ACCELERATED_MODELS.items():
+        config = triton.parse_config(made[name])
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        assert config.max_batch_size == 8 and params["cpu_threads"] == "2", name
+        assert all(params[k] == v for k, v in parameters.items()), name
+        assert params["sha256"] == H.sha256_of(made[name] / "1" / filename), name
+        assert (made[name] / "1" / "model.py").read_text() == H.model_file(source, "model.py", 1), name
+
+
 # -- the real server --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def served(model, artifacts, tmp_path_factory):
+def served(model, artifacts, int8, tmp_path_factory):
     if triton.pytriton_root() is None:
         pytest.skip("nvidia-pytriton is not installed (make env installs it)")
     import tritonclient.http as httpclient
@@ -132,6 +193,7 @@ def served(model, artifacts, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     H.write_python_models(repo, model, artifacts, max_batch_size=8)
     H.write_native_models(repo, artifacts)
+    H.write_accelerated_models(repo, artifacts, int8, max_batch_size=8)
     # a copy whose sha256 names another file: model.py must refuse to load it
     triton.copy_model(repo, "py_onnxruntime", repo, name="py_onnxruntime_tampered",
                       parameters={"sha256": "0" * 64})
@@ -175,3 +237,18 @@ def test_native_models_and_a_tampered_artefact_are_refused(served):
     with pytest.raises(InferenceServerException, match="config.pbtxt expects 000000000000"):
         served.load_model("py_onnxruntime_tampered")
     assert all(served.is_model_ready(name) for name in H.PYTHON_MODELS.values())
+
+
+@needs_triton
+@pytest.mark.engine
+def test_accelerated_models_match_direct_execution(served, artifacts, int8):
+    import openvino as ov
+
+    x = H.images(5, seed=7)  # py_ort_all differs from py_ort_disabled only in a parameter value: not loaded here
+    default_ov = ov.Core().compile_model(str(artifacts["model.onnx"]), "CPU", {"INFERENCE_NUM_THREADS": 1})
+    direct = {"py_ort_disabled": H.ort_session(artifacts["model.onnx"], level="disabled").run(None, {H.INPUT: x})[0],
+              "py_ort_int8": H.ort_session(int8, level="all").run(None, {H.INPUT: x})[0],
+              "py_openvino_default": np.array(default_ov(x)[0])}
+    for name, expected in direct.items():
+        served.load_model(name)
+        assert np.allclose(_infer(served, name, x), expected, atol=1e-5, rtol=1e-5), name

@@ -299,3 +299,113 @@ def native_problems(model_dir, io: dict | None = None) -> list[str]:
                 if list(t.dims) != list(graph[t.name]):
                     problems.append(f"{kind} {t.name}: config dims {list(t.dims)}, graph {list(graph[t.name])}")
     return problems
+
+
+# -- notebook 02: accelerated runtimes ------------------------------------------------------------------
+
+# ONNX Runtime's graph optimization levels, by the names the py_onnxruntime config takes.
+ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
+# Copies of the Python-backend models that notebook 02 serves: name -> (model copied, its parameters, artefact).
+ACCELERATED_MODELS = {
+    "py_ort_disabled": ("py_onnxruntime", {"graph_optimization_level": "disabled"}, "model.onnx"),
+    "py_ort_all": ("py_onnxruntime", {"graph_optimization_level": "all"}, "model.onnx"),
+    "py_ort_int8": ("py_onnxruntime", {"graph_optimization_level": "all", "model_file": "model_int8.onnx"},
+                    "model_int8.onnx"),
+    "py_openvino_default": ("py_openvino", {"precision_hint": "default"}, "model.onnx"),
+}
+# The ONNX Runtime model with TensorRT as its GPU execution accelerator (NGC's container, GPU): parsed, not served.
+TRT_ACCELERATED = "native_onnxruntime_trt"
+
+
+def ort_session(path, *, level: str = "all", threads: int = 1, providers=("CPUExecutionProvider",),
+                optimized_path=None):
+    """An ONNX Runtime session at graph optimization ``level`` (a key of ``ORT_LEVELS``); with
+    ``optimized_path`` ONNX Runtime also writes the graph it optimized there (``optimized_model_filepath``).
+    Warnings are not logged (at level "all" ORT warns that the saved graph may hold CPU-specific nodes)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def op_counts(path) -> dict[str, int]:
+    """How many nodes of each op type the ONNX graph at ``path`` has (sum the values for the node count)."""
+    import collections
+
+    import onnx
+
+    return dict(collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node))
+
+
+def quantize_int8(onnx_path, out_path, calibration_reader=None, max_feeds: int = 64) -> Path:
+    """An int8 copy of the ONNX graph: static QDQ quantization (per-channel weights, activations calibrated
+    on ``calibration_reader``'s batches, an ``onnxruntime.quantization.CalibrationDataReader``) or, with no
+    reader, dynamic quantization (weights only; activations quantized per batch at run time). At most
+    ``max_feeds`` batches are read, so that a reader which never returns None cannot calibrate forever."""
+    import logging
+
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+
+    if calibration_reader is not None:
+        class Bounded(CalibrationDataReader):
+            def __init__(self, reader):
+                self.reader, self.left = reader, max_feeds
+
+            def get_next(self):
+                self.left -= 1
+                return self.reader.get_next() if self.left >= 0 else None
+
+        calibration_reader = Bounded(calibration_reader)
+
+    out_path = Path(out_path)
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # quiet the "consider pre-processing" advice
+    try:
+        if calibration_reader is None:
+            quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8)
+        else:
+            quantize_static(str(onnx_path), str(out_path), calibration_reader, quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.level = level
+    return out_path
+
+
+def accuracy(out, reference) -> tuple[float, float]:
+    """(max |out - reference|, share of rows whose top-1 class agrees) of two [n, classes] logit arrays."""
+    import numpy as np
+
+    out, reference = np.asarray(out), np.asarray(reference)
+    return float(np.abs(out - reference).max()), float((out.argmax(1) == reference.argmax(1)).mean())
+
+
+def write_accelerated_models(repository, artifacts: dict, int8_path, *, max_batch_size: int = 32,
+                             threads: int = 1) -> dict[str, Path]:
+    """Copy ``ACCELERATED_MODELS`` into ``repository``: each a copy of py_onnxruntime or py_openvino under
+    its own name, with its parameters, this run's ``max_batch_size``/``cpu_threads`` and its artefact (and
+    digest) in ``1/``. All run on the CPU. The model name -> its folder."""
+    files = {"model.onnx": Path(artifacts["model.onnx"]), "model_int8.onnx": Path(int8_path)}
+    made = {}
+    for name, (source, parameters, filename) in ACCELERATED_MODELS.items():
+        target = triton.copy_model(MODEL_REPOSITORY, source, repository, name=name, parameters={
+            **parameters, "cpu_threads": threads, "sha256": sha256_of(files[filename])},
+            replace={"max_batch_size: 32\n": f"max_batch_size: {max_batch_size}\n"})
+        shutil.copy2(files[filename], target / "1" / filename)
+        made[name] = target
+    return made
+
+
+def trt_accelerator(config) -> dict | None:
+    """The ``tensorrt`` GPU execution accelerator of a parsed config (``triton.parse_config``) as
+    ``{"max_workspace_size_bytes": ..., "precision_mode": ...}`` (keys sorted), or None when it has none."""
+    for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        if accelerator.name == "tensorrt":
+            return dict(sorted(accelerator.parameters.items()))  # a protobuf map has no fixed order
+    return None

@@ -3,7 +3,9 @@
 The same file is what NVIDIA's onnxruntime backend loads without Python (native_onnxruntime).
 "providers" (config.pbtxt) lists the execution providers in order of preference; ONNX Runtime falls
 back to the CPU silently when a provider cannot start, so initialize() refuses to load when the first
-one asked for is not the one in use. Tensors cross the backend boundary through DLPack (torch), and
+one asked for is not the one in use. "graph_optimization_level" (disabled, basic, extended, all) is
+ONNX Runtime's SessionOptions.graph_optimization_level; "model_file" picks the graph (notebook 02 serves
+the int8 graph, model_int8.onnx, from a copy of this model). Tensors cross the backend boundary through DLPack (torch), and
 reach ONNX Runtime as numpy views of the same memory.
 """
 import hashlib
@@ -14,6 +16,9 @@ import onnxruntime as ort
 import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 import triton_python_backend_utils as pb_utils
+
+LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
 def check_sha256(path, expected):
@@ -32,6 +37,10 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("cpu_threads", "1"))
         options.inter_op_num_threads = 1
+        level = params.get("graph_optimization_level", "all")
+        if level not in LEVELS:
+            raise pb_utils.TritonModelException(f"graph_optimization_level {level!r}: expected one of {sorted(LEVELS)}")
+        options.graph_optimization_level = LEVELS[level]
         path = os.path.join(args["model_repository"], args["model_version"], params.get("model_file", "model.onnx"))
         check_sha256(path, params.get("sha256", "none"))
         self.session = ort.InferenceSession(path, options, providers=providers)

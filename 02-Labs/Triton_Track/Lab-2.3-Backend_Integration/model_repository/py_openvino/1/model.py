@@ -30,10 +30,11 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         path = os.path.join(args["model_repository"], args["model_version"], params.get("model_file", "model.onnx"))
         check_sha256(path, params.get("sha256", "none"))
-        self.compiled = ov.Core().compile_model(path, "CPU", {
-            "INFERENCE_PRECISION_HINT": params.get("precision_hint", "f32"),
-            "INFERENCE_NUM_THREADS": int(params.get("cpu_threads", "1")),
-        })
+        properties = {"INFERENCE_NUM_THREADS": int(params.get("cpu_threads", "1"))}
+        hint = params.get("precision_hint", "f32")
+        if hint != "default":  # "default": leave OpenVINO's own choice for this CPU (bf16 where it has bf16 instructions)
+            properties["INFERENCE_PRECISION_HINT"] = hint
+        self.compiled = ov.Core().compile_model(path, "CPU", properties)
 
     def execute(self, requests):
         inputs = [from_dlpack(pb_utils.get_input_tensor_by_name(r, "INPUT__0").to_dlpack()) for r in requests]
