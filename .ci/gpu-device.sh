@@ -2,6 +2,7 @@
 # The GPU profile on the device machine (no network). The team's recipe for that machine lives in
 # shared/gpu/README.md beside the checkout; in short:
 # Here:   python3 ../shared/gpu/stage.py     -> .gpu01/ ... .gpuNN/ (wheels, git-ignored)
+#         python3 .ci/gpu-extras.py          -> the next .gpuNN/: Lab 2.5 and Triton Lab 2.3 extras
 # There:  one `run` per part:  mkdir -p /root/stage && cp .gpuNN/* /root/stage/
 #         extra wheels staged apart (stage.py --only NAME) travel as a .tar of wheels/ in a part folder
 #         then, back to back:  bash .ci/gpu-device.sh STEP [FILTER]
@@ -13,7 +14,11 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ ! -d /root/site/vllm ]; then
   cat /root/stage/part.* | tar -x -C /root
-  for extra in /root/stage/*.tar; do [ -f "$extra" ] && tar -xf "$extra" -C /root; done
+  # Extra parts (.ci/gpu-extras.py): wheels and promtools under /root, rootfs-*.tar (files the Debian
+  # binaries read at fixed paths) under /.
+  for extra in /root/stage/*.tar; do
+    case "$extra" in */rootfs-*.tar) tar -xf "$extra" -C / ;; *) [ -f "$extra" ] && tar -xf "$extra" -C /root ;; esac
+  done
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/wheels/*.whl
   # The Python backend's stub ignores PYTHONPATH (shared/NOTES.md): a .pth file in the system interpreter's
   # site-packages makes the staged packages visible to it too, as installing into that interpreter would.
@@ -22,7 +27,7 @@ if [ ! -d /root/site/vllm ]; then
   site_dir=$(python3 -c 'import site; print(site.getsitepackages()[0])')
   mkdir -p "$site_dir" && echo /root/site > "$site_dir/zz-course-staged.pth"
 fi
-export PYTHONPATH=/root/site:$PWD/src PATH=/root/site/bin:$PATH VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+export PYTHONPATH=/root/site:$PWD/src PATH=/root/site/bin:/root/promtools:$PATH VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 export COURSE_PROFILE=gpu
 NBVAL=(--nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg)
 case "${1:-doctor}" in
