@@ -93,3 +93,21 @@ def test_server_env_puts_this_interpreters_libpython_first():
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         pytest.skip("this interpreter has no shared libpython")
     assert own in env["LD_LIBRARY_PATH"].split(os.pathsep)
+
+
+def test_tree_lists_a_repository_as_tree_would_without_pycache(tmp_path):
+    repo = tmp_path / "model_repository"
+    (repo / "b_model" / "1").mkdir(parents=True)
+    (repo / "b_model" / "1" / "model.py").write_text("")
+    (repo / "b_model" / "1" / "__pycache__").mkdir()
+    (repo / "b_model" / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"")
+    (repo / "b_model" / "config.pbtxt").write_text("")
+    (repo / "a_model").mkdir()
+    assert triton.tree(repo).splitlines() == [
+        "model_repository/",
+        "    a_model/",
+        "    b_model/",
+        "        1/",
+        "            model.py",
+        "        config.pbtxt",
+    ]

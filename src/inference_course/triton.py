@@ -282,6 +282,18 @@ def diff_text(old: str | os.PathLike, new: str | os.PathLike, *, old_label: str 
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines).rstrip("\n")
 
 
+
+def tree(root: str | os.PathLike) -> str:
+    """The files under ``root`` as an indented listing (what ``tree`` would print); ``__pycache__`` left out."""
+    root = Path(root)
+    lines = [root.name + "/"]
+    for path in sorted(root.rglob("*")):
+        if "__pycache__" in path.parts:
+            continue
+        depth = len(path.relative_to(root).parts)
+        lines.append("    " * depth + path.name + ("/" if path.is_dir() else ""))
+    return "\n".join(lines)
+
 # A Python-backend model that doubles a FP32 vector, tensors crossing through DLPack (numpy 1 and 2).
 DOUBLER_CONFIG = """
 backend: "python"

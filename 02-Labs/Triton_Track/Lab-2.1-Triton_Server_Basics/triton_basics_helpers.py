@@ -113,16 +113,7 @@ def write_model_dir(repository, name: str, config: str, files: dict | None = Non
     return model_dir
 
 
-def tree(root) -> str:
-    """The files under ``root`` as an indented listing (what ``tree`` would print)."""
-    root = Path(root)
-    lines = [root.name + "/"]
-    for path in sorted(root.rglob("*")):
-        if "__pycache__" in path.parts:
-            continue
-        depth = len(path.relative_to(root).parts)
-        lines.append("    " * depth + path.name + ("/" if path.is_dir() else ""))
-    return "\n".join(lines)
+tree = triton.tree  # the package's listing of a model repository (shared by the Triton labs)
 
 
 # -- the lab's PyTorch model ------------------------------------------------------------------------

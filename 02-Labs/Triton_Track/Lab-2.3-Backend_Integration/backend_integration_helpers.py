@@ -47,16 +47,7 @@ def model_file(model: str, filename: str = "config.pbtxt", version: int | None =
     return ((folder / str(version)) if version is not None else folder).joinpath(filename).read_text()
 
 
-def tree(root) -> str:
-    """The files under ``root`` as an indented listing (what ``tree`` would print)."""
-    root = Path(root)
-    lines = [root.name + "/"]
-    for path in sorted(root.rglob("*")):
-        if "__pycache__" in path.parts:
-            continue
-        depth = len(path.relative_to(root).parts)
-        lines.append("    " * depth + path.name + ("/" if path.is_dir() else ""))
-    return "\n".join(lines)
+tree = triton.tree  # the package's listing of a model repository (shared by the Triton labs)
 
 
 # -- the lab's model ----------------------------------------------------------------------------------
