@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 
 import httpx
 import openai
@@ -210,32 +211,46 @@ def test_rate_limit_429_with_a_retry_after_that_lets_the_client_in(service):
 def test_disconnect_aborts_the_engine_request(service, max_model_len):
     generated = lambda: service_metric(service, "vllm:generation_tokens_total")  # noqa: E731
     running = lambda: service_metric(service, "vllm:num_requests_running")  # noqa: E731
-    before = generated()
     long = max_model_len - 64
-    stream = sdk(service).completions.create(
-        model=NAME, prompt="Count to one thousand:", max_tokens=long, stream=True, extra_body={"ignore_eos": True},
-        extra_headers={"X-Request-Id": "disconnect-1"})
-    received = 0
-    for _ in stream:
-        received += 1
-        if received == 3:
+    # vllm:num_requests_running is set from the scheduler's stats as engine steps come back, which can lag the
+    # first chunks on a busy 2-core machine: wait for it rather than read it once. Once in CI (2026-11-30) it
+    # stayed 0 for 20 s with the stream open, cause unknown: that attempt is reported (tokens generated, the
+    # access log, the service log) and the scenario runs once more; the checks below hold for the attempt
+    # whose request was seen running.
+    failures = []
+    for attempt in (1, 2):
+        request_id = f"disconnect-1-{attempt}"
+        before = generated()
+        stream = sdk(service).completions.create(
+            model=NAME, prompt="Count to one thousand:", max_tokens=long, stream=True, extra_body={"ignore_eos": True},
+            extra_headers={"X-Request-Id": request_id})
+        received = 0
+        for _ in stream:
+            received += 1
+            if received == 3:
+                break
+        assert received == 3, f"the stream ended after {received} chunks, before the client could leave it"
+        try:
+            wait_until(lambda: running() >= 1, 20, "vllm:num_requests_running >= 1 while the stream is open")
             break
-    assert received == 3, f"the stream ended after {received} chunks, before the client could leave it"
-    # vllm:num_requests_running is set from the scheduler's stats as engine steps come back, which can lag
-    # the first chunks on a busy 2-core machine: wait for it rather than read it once.
-    try:
-        wait_until(lambda: running() >= 1, 20, "vllm:num_requests_running >= 1 while the stream is open")
-    except AssertionError as error:  # seen once in CI (2026-11-30): say what the engine and the service did
-        tail = "\n".join(service.log_path.read_text(errors="replace").splitlines()[-15:])
-        raise AssertionError(f"{error}; {generated() - before:g} tokens generated since the request; its access-log "
-                             f"lines: {log_lines_for(service, 'disconnect-1')}; the service log ends:\n{tail}") from None
+        except AssertionError as error:
+            tail = "\n".join(service.log_path.read_text(errors="replace").splitlines()[-15:])
+            failures.append(f"attempt {attempt}: {error}; {generated() - before:g} tokens generated since the "
+                            f"request; its access-log lines: {log_lines_for(service, request_id)}; the service "
+                            f"log ends:\n{tail}")
+            stream.close()
+            wait_until(lambda: running() == 0, 20, "vllm:num_requests_running at 0 before the next attempt")
+    else:
+        raise AssertionError("\n\n".join(failures))
+    if failures:
+        warnings.warn("test_disconnect_aborts_the_engine_request needed a second attempt:\n" + failures[0])
     stream.close()
     wait_until(lambda: running() == 0, 20, "vllm:num_requests_running back to 0 after the client left")
     settled = generated()
     time.sleep(2)
     assert generated() == settled, "the engine kept generating for a client that left"
     assert settled - before < long / 2
-    line = wait_until(lambda: log_lines_for(service, "disconnect-1"), 10, "the access-log line")
+    line = wait_until(lambda: log_lines_for(service, request_id), 10, "the access-log line")
     assert [(x["status"], x["reason"]) for x in line] == [(499, "client_gone")]
 
     # Without streaming: the client gives up waiting (a read timeout closes its connection).
