@@ -445,7 +445,13 @@ def test_sigterm_drains_the_streams_in_flight_then_exits(service):
         thread.start()
     for event in first_chunk:
         assert event.wait(60)
-    assert all(r is None for r in results), f"a stream ended before SIGTERM: {results}"
+    # Which streams are in flight at SIGTERM is the scheduler's business: once (project CI, stream 0's first
+    # chunk came after streams 1 and 2 had ended) two of three were already done. The drain is tested on the
+    # streams still open; every stream, open or not, must end whole.
+    in_flight = [i for i in range(k) if results[i] is None]
+    assert in_flight, f"every stream ended before SIGTERM, nothing left to drain: {results}"
+    if len(in_flight) < k:
+        warnings.warn(f"only streams {in_flight} of {k} were in flight at SIGTERM: {results}")
     group = service.pid
     os.kill(service.pid, signal.SIGTERM)  # the service's process only, as the kubelet does
     signalled = time.monotonic()
@@ -467,7 +473,7 @@ def test_sigterm_drains_the_streams_in_flight_then_exits(service):
     service.process.wait(30)
     for thread in threads:
         thread.join(30)
-    assert results == [("done", tokens, ["length"])] * k, results  # nothing dropped, every answer whole
+    assert results == [("done", tokens, ["length"])] * k, (in_flight, results)  # nothing dropped, every answer whole
     assert newcomer in ((503, "close", "service_unavailable"), "refused"), newcomer
     assert ready and set(ready) <= {503, "refused"}, ready
     assert exited_after <= DRAIN_S + 60, exited_after
