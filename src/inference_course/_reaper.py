@@ -54,13 +54,15 @@ def _wait_parent(parent: int, pgid: int) -> bool:
     return False
 
 
-def main(parent: int, pgid: int, grace: float = 10.0) -> None:
+def main(parent: int, pgid: int, grace: float = 10.0, cleanup: list[str] | None = None) -> None:
+    """``cleanup``: a command run once the group is gone, for what lives outside it (a container that
+    conmon keeps running after the ``podman run`` client in the group died)."""
     if not _wait_parent(parent, pgid):
         return
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        pass
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _group_alive(pgid):
         time.sleep(0.2)
@@ -68,7 +70,12 @@ def main(parent: int, pgid: int, grace: float = 10.0) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    if cleanup:
+        import subprocess
+
+        subprocess.run(cleanup, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=120, check=False)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), cleanup=sys.argv[3:] or None)

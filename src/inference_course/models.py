@@ -221,11 +221,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path
         }, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; a shared COURSE_CACHE must stay readable
+        _make_readable(tmp)
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _make_readable(folder: Path) -> None:
+    """Folder 0755, files 0644: mkdtemp makes the folder 0700 and safetensors writes its weights 0600, and a
+    model in a shared COURSE_CACHE is read by other users, containers running as uid 1000 among them."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o777 != 0o644:
+            path.chmod(0o644)
 
 
 def ensure_embedded_model() -> Path:
@@ -233,6 +242,8 @@ def ensure_embedded_model() -> Path:
     out = embedded_model_dir()
     marker = out / "course-model.json"
     if marker.exists():
+        if out.stat().st_uid == os.getuid():  # caches converted before _make_readable existed
+            _make_readable(out)
         return out
     with _locked(cache_dir() / "models" / ".lock"):
         if marker.exists():  # another process converted it while we waited

@@ -101,6 +101,8 @@ class ManagedServer:
         self._reaper: subprocess.Popen | None = None
         self.started_at: float | None = None
         self.ready_after_s: float | None = None
+        # A command the reaper runs after it killed the group when this process died (see _reaper.main).
+        self.reaper_cleanup: list[str] | None = None
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -145,7 +147,7 @@ class ManagedServer:
         self.started_at = time.monotonic()
         with _LOCK:
             _RUNNING[self.process.pid] = self
-        self._reaper = _start_reaper(self.process.pid)
+        self._reaper = _start_reaper(self.process.pid, self.reaper_cleanup)
         return self
 
     def is_ready(self) -> bool:
@@ -232,10 +234,10 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _start_reaper(pgid: int) -> subprocess.Popen:
+def _start_reaper(pgid: int, cleanup: Sequence[str] | None = None) -> subprocess.Popen:
     """The reaper for group ``pgid``, in its own session so that it outlives this process."""
     return subprocess.Popen(
-        [sys.executable, "-m", "inference_course._reaper", str(os.getpid()), str(pgid)],
+        [sys.executable, "-m", "inference_course._reaper", str(os.getpid()), str(pgid), *(cleanup or ())],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, env={**os.environ, "PYTHONPATH": _package_root()},
     )
