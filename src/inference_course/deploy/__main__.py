@@ -3,7 +3,6 @@ vLLM Lab 2.4 from a shell (the notebook calls the same functions)."""
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 from . import images
 
@@ -17,7 +16,7 @@ def main(argv=None) -> None:
     context.add_argument("--model", action="store_true", help="add the embedded model (for --target baked)")
     build = sub.add_parser("build", help="base image, context and `podman build` of the service image")
     build.add_argument("--target", default="runtime", choices=("runtime", "baked"))
-    build.add_argument("--tag", default=images.SERVICE_IMAGE)
+    build.add_argument("--tag", help=f"default {images.SERVICE_IMAGE} (runtime) or ...-baked")
     args = parser.parse_args(argv)
 
     if args.command == "base":
@@ -26,10 +25,7 @@ def main(argv=None) -> None:
     elif args.command == "context":
         print(images.build_context(args.folder, model=_model() if args.model else None))
     else:
-        images.ensure_base_image()
-        with tempfile.TemporaryDirectory(prefix="course-context-") as folder:
-            images.build_context(folder, model=_model() if args.target == "baked" else None)
-            result = images.build(folder, target=args.target, tag=args.tag)
+        result = images.ensure_service_image(target=args.target, tag=args.tag)
         print(f"{result.tag} ({result.target}): {result.size_bytes / 1e9:.2f} GB, built in {result.seconds:.0f} s")
 
 

@@ -331,3 +331,21 @@ def service_container(image: str = SERVICE_IMAGE, *, model_dir: str | os.PathLik
     args = list(args) or ["--model", MODEL_IN_IMAGE, "--host", "0.0.0.0", "--port", str(CONTAINER_PORT),
                           "--profile-engine", "--drain-timeout", str(drain_timeout_s)]
     return ContainerServer(name, run, image, args, port=port, env=env)
+
+
+def ensure_service_image(*, target: str = "runtime", tag: str | None = None,
+                         progress: Callable[[str], None] = print) -> BuildResult:
+    """Base image, build context and build of the service image: minutes the first time on a machine, seconds
+    when podman's layer cache already holds every step (same Dockerfile, same wheels, same course wheel)."""
+    tag = tag or (SERVICE_IMAGE if target == "runtime" else SERVICE_IMAGE + "-baked")
+    base_s = ensure_base_image(progress=progress)
+    if base_s:
+        progress(f"base image made in {base_s:.0f} s")
+    model = None
+    if target == "baked":
+        from ..models import ensure_embedded_model
+
+        model = ensure_embedded_model()
+    with tempfile.TemporaryDirectory(prefix="course-context-") as folder:
+        build_context(folder, model=model, progress=progress)
+        return build(folder, target=target, tag=tag)
