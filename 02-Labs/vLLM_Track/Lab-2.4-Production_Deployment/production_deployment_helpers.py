@@ -1,0 +1,212 @@
+"""Helpers for Lab 2.4 (Production Deployment), notebook 01: what is inside the service's image, and a
+stream in flight while the container is stopped.
+
+Building and running the image come from the package (``inference_course.deploy.images``:
+``ensure_service_image``, ``service_container``, ``image_history``, ``podman``); this module holds what the
+notebook does with them:
+
+* ``layer_group``/``layer_table``: ``podman history`` as a table, each layer named by what made it
+  (the base image, the runtime stage's setup, the virtual environment, the model, metadata);
+* ``cached_steps``: how many steps of a ``podman build`` came from the layer cache (its log says so);
+* ``sizes_in_image``/``largest_packages``: ``du`` run inside the image, as the image's own user;
+* ``wheel_installed_bytes``: what a wheel occupies once installed (the sum of its files, uncompressed);
+* ``import_seconds``/``bytecode_files``: how long one Python process takes to import a module, in the image
+  or on the host, and whether the image holds compiled bytecode (``.pyc``) for its modules;
+* ``parse_size``/``container_memory``: ``podman stats``' human-readable sizes as bytes;
+* ``StreamProbe``: one streaming chat completion in a background thread, with the time of every chunk,
+  so that the notebook can stop the container under it and see whether it ended whole or was cut.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inference_course.deploy import images
+
+SITE_PACKAGES = "/opt/venv/lib/python3.11/site-packages"
+
+# What made a layer, recognised in ``podman history``'s "created by" text (first match wins).
+_GROUPS = (
+    ("model", re.compile(r"COPY .* in /models")),
+    ("virtual environment", re.compile(r"COPY .* in /opt/venv")),
+    ("runtime setup (user, libnuma)", re.compile(r"useradd|apt-get")),
+    ("base image (debootstrap)", re.compile(r"ADD file:.* in /\s*$")),
+)
+
+
+def layer_group(created_by: str) -> str:
+    """The part of the image a layer belongs to, from the instruction that made it."""
+    for name, pattern in _GROUPS:
+        if pattern.search(created_by):
+            return name
+    return "metadata (ENV, USER, CMD, ...)" if "#(nop)" in created_by else "other"
+
+
+def _instruction(created_by: str, width: int = 90) -> str:
+    text = " ".join(created_by.replace("/bin/sh -c #(nop) ", "").replace("/bin/sh -c ", "RUN ").split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def layer_table(history: list[dict]):
+    """``images.image_history(...)`` as a DataFrame, oldest layer first: instruction, group, MB."""
+    import pandas as pd
+
+    rows = [{"instruction": _instruction(row["created_by"]), "group": layer_group(row["created_by"]),
+             "MB": row["size_bytes"] / 1e6} for row in reversed(history)]
+    return pd.DataFrame(rows)
+
+
+def cached_steps(build_log: str) -> tuple[int, int]:
+    """(steps reused from the layer cache, steps that could be) of one ``podman build`` log: every
+    "STEP n/m" but the FROM lines (a FROM starts a stage, it makes no layer) is either rebuilt or
+    followed by "--> Using cache"."""
+    step = r"^(?:\[\d+/\d+\] )?STEP \d+/\d+: "
+    steps = len(re.findall(step, build_log, re.M)) - len(re.findall(step + "FROM ", build_log, re.M))
+    cached = len(re.findall(r"^--> Using cache", build_log, re.M))
+    return cached, steps
+
+
+def sizes_in_image(image: str, paths: list[str]) -> dict[str, int]:
+    """Bytes under each of ``paths`` inside ``image`` (``du -sb``, one path at a time, so that a folder
+    inside another is counted in both; a path that does not exist gives 0)."""
+    script = "; ".join(f"du -sb {p} 2>/dev/null || echo '0 {p}'" for p in paths)
+    done = images.podman("run", "--rm", "--pull=never", "--entrypoint", "sh", image, "-c", script)
+    sizes = {}
+    for line in done.stdout.splitlines():
+        size, _, path = line.partition("\t") if "\t" in line else line.partition(" ")
+        sizes[path.strip()] = int(size)
+    return {p: sizes.get(p, 0) for p in paths}
+
+
+def largest_packages(image: str, n: int = 10) -> list[tuple[str, int]]:
+    """The ``n`` largest entries of the image's site-packages, largest first: (name, bytes)."""
+    done = images.podman("run", "--rm", "--pull=never", "--entrypoint", "sh", image, "-c",
+                         f"du -sb {SITE_PACKAGES}/* | sort -rn | head -n {int(n)}")
+    out = []
+    for line in done.stdout.splitlines():
+        size, path = line.split("\t", 1)
+        out.append((Path(path).name, int(size)))
+    return out
+
+
+def wheel_installed_bytes(wheel: str | Path) -> int:
+    """What installing ``wheel`` writes: the uncompressed size of its files (a wheel is a zip file)."""
+    with zipfile.ZipFile(wheel) as archive:
+        return sum(info.file_size for info in archive.infolist())
+
+
+def import_seconds(module: str, image: str | None = None) -> float:
+    """Seconds one fresh Python process takes to ``import module``: inside ``image`` (a container with a
+    read-only root, as the service runs) or, without ``image``, with this notebook's own interpreter."""
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    if image:
+        done = images.podman("run", "--rm", "--pull=never", "--read-only", "--entrypoint", "python", image, "-c", code)
+    else:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              stdin=subprocess.DEVNULL)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def bytecode_files(image: str, folder: str = "/opt/venv") -> tuple[int, int]:
+    """(.py files, .pyc files) under ``folder`` in ``image``."""
+    done = images.podman("run", "--rm", "--pull=never", "--entrypoint", "sh", image, "-c",
+                         f"find {folder} -name '*.py' | wc -l; find {folder} -name '*.pyc' | wc -l")
+    py, pyc = (int(n) for n in done.stdout.split())
+    return py, pyc
+
+
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> float:
+    """'553kB' -> 553000.0, '1.2GiB' -> 1288490188.8 (podman prints decimal units: kB, MB, GB)."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    unit = match.group(2).lower() or "b"
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit in {text!r}")
+    return float(match.group(1)) * _UNITS[unit]
+
+
+def container_memory(stats: dict) -> tuple[float, float]:
+    """(used, limit) bytes from one entry of ``podman stats --no-stream --format json``."""
+    used, _, limit = stats["mem_usage"].partition("/")
+    return parse_size(used), parse_size(limit)
+
+
+@dataclass
+class StreamProbe:
+    """One streaming chat completion in a background thread (``start()``): the monotonic time of every
+    content chunk, the usage the server reports at the end (``completion_tokens``), or the error that
+    ended it. ``ignore_eos`` makes the model write all ``max_tokens``, so "whole" has one meaning."""
+
+    client: object  # an openai.OpenAI
+    max_tokens: int
+    model: str = "smollm2"
+    prompt: str = "Tell me a long story about a container ship."
+    chunk_times: list[float] = field(default_factory=list)
+    usage: int | None = None
+    error: str | None = None
+    ended_at: float | None = None
+
+    def start(self) -> "StreamProbe":
+        self._first = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": self.prompt}], max_tokens=self.max_tokens,
+                temperature=0, stream=True, extra_body={"ignore_eos": True},
+                stream_options={"include_usage": True})
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    self.chunk_times.append(time.monotonic())
+                    self._first.set()
+                if chunk.usage is not None:
+                    self.usage = chunk.usage.completion_tokens
+        except Exception as exc:  # noqa: BLE001 - a cut stream is what the notebook looks at
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.ended_at = time.monotonic()
+            self._first.set()
+
+    def wait_for_chunks(self, n: int, timeout: float = 120.0) -> None:
+        """Block until ``n`` content chunks arrived (or the stream ended, or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while len(self.chunk_times) < n and self.ended_at is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def join(self, timeout: float = 60.0) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def received(self) -> int:
+        """Content chunks received (one token each in vLLM's stream, unless it merged some)."""
+        return len(self.chunk_times)
+
+    @property
+    def whole(self) -> bool:
+        """The server said it sent every token asked for, and nothing went wrong."""
+        return self.error is None and self.usage == self.max_tokens
+
+    def decode_rate(self) -> float:
+        """Tokens per second between the first and the last chunk (the time to the first one left out)."""
+        if len(self.chunk_times) < 2:
+            return float("nan")
+        return (len(self.chunk_times) - 1) / (self.chunk_times[-1] - self.chunk_times[0])
+
+
+def drain_lines(log: str) -> list[str]:
+    """The service's drain messages in a container's log (what it logs on SIGTERM and after the drain)."""
+    return [line.strip() for line in log.splitlines() if "draining" in line or "drained;" in line]
