@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import servers
+from ..models import cache_dir
 
 ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILE = ROOT / "docker" / "Dockerfile.service"
@@ -57,12 +58,6 @@ INSTALL_FIX = ("Install podman (Debian/Ubuntu: `sudo apt-get install podman runc
 
 class ImageError(RuntimeError):
     """A container step failed; the message says which and how to fix it."""
-
-
-def _cache() -> Path:
-    base = os.environ.get("COURSE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inference-course")
-    return Path(base)
 
 
 # -- podman -----------------------------------------------------------------------------------------------
@@ -153,7 +148,7 @@ def ensure_base_image(name: str = BASE_IMAGE, *, progress: Callable[[str], None]
         raise ImageError("debootstrap needs root (it creates device files and runs package scripts). Run "
                          "`sudo python -m inference_course.deploy base` once, or use Docker with the public base.")
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="course-rootfs-", dir=_cache() if _cache().exists() else None))
+    work = Path(tempfile.mkdtemp(prefix="course-rootfs-", dir=cache_dir()))
     try:
         progress(f"debootstrap {DEBIAN_SUITE} ({', '.join(BASE_PACKAGES)}) from {DEBIAN_MIRROR} ...")
         done = subprocess.run([debootstrap, "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
@@ -196,7 +191,7 @@ def wheelhouse(*, progress: Callable[[str], None] = print) -> Path:
     """
     requirements = service_requirements()
     key = hashlib.sha256(("\n".join(requirements) + CONSTRAINTS.read_text()).encode()).hexdigest()[:16]
-    folder = _cache() / "wheelhouse" / key
+    folder = cache_dir() / "wheelhouse" / key
     stamp = folder / ".complete"
     if not stamp.exists():
         folder.mkdir(parents=True, exist_ok=True)
