@@ -101,24 +101,33 @@ def wheel_installed_bytes(wheel: str | Path) -> int:
         return sum(info.file_size for info in archive.infolist())
 
 
-def import_seconds(module: str, image: str | None = None) -> float:
+def import_seconds(module: str, image: str | None = None, *, without_bytecode: bool = False) -> float:
     """Seconds one fresh Python process takes to ``import module``: inside ``image`` (a container with a
-    read-only root, as the service runs) or, without ``image``, with this notebook's own interpreter."""
+    read-only root, as the service runs) or, without ``image``, with this notebook's own interpreter.
+
+    ``without_bytecode`` (in an image): PYTHONPYCACHEPREFIX points Python at an empty folder for its .pyc, so
+    it compiles every module it imports from source, as in an image built without them (the image's
+    PYTHONDONTWRITEBYTECODE=1 keeps it from writing them there)."""
     code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
     if image:
-        done = images.podman("run", "--rm", "--pull=never", "--read-only", "--entrypoint", "python", image, "-c", code)
+        env = ["-e", "PYTHONPYCACHEPREFIX=/tmp/no-bytecode-here"] if without_bytecode else []
+        done = images.podman("run", "--rm", "--pull=never", "--read-only", *env, "--entrypoint", "python", image,
+                             "-c", code)
     else:
+        if without_bytecode:
+            raise ValueError("without_bytecode is measured in an image: give image=")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               stdin=subprocess.DEVNULL)
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def bytecode_files(image: str, folder: str = "/opt/venv") -> tuple[int, int]:
-    """(.py files, .pyc files) under ``folder`` in ``image``."""
+def bytecode_files(image: str, folder: str = "/opt/venv") -> tuple[int, int, int]:
+    """(.py files, .pyc files, bytes of the .pyc) under ``folder`` in ``image``."""
     done = images.podman("run", "--rm", "--pull=never", "--entrypoint", "sh", image, "-c",
-                         f"find {folder} -name '*.py' | wc -l; find {folder} -name '*.pyc' | wc -l")
-    py, pyc = (int(n) for n in done.stdout.split())
-    return py, pyc
+                         f"find {folder} -name '*.py' | wc -l; find {folder} -name '*.pyc' | wc -l; "
+                         f"find {folder} -name '*.pyc' -printf '%s\\n' | awk '{{s += $1}} END {{printf \"%d\\n\", s}}'")
+    py, pyc, pyc_bytes = (int(n) for n in done.stdout.split())
+    return py, pyc, pyc_bytes
 
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,

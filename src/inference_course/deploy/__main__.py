@@ -26,7 +26,9 @@ def main(argv=None) -> None:
         print(images.build_context(args.folder, model=_model() if args.model else None))
     else:
         result = images.ensure_service_image(target=args.target, tag=args.tag)
-        print(f"{result.tag} ({result.target}): {result.size_bytes / 1e9:.2f} GB, built in {result.seconds:.0f} s")
+        how = ("reused: an image built from the same inputs was there" if result.reused
+               else f"built in {result.seconds:.0f} s")
+        print(f"{result.tag} ({result.target}): {result.size_bytes / 1e9:.2f} GB, {how}")
 
 
 def _model():

@@ -50,6 +50,9 @@ DEBIAN_MIRROR = os.environ.get("COURSE_DEBIAN_MIRROR", "http://deb.debian.org/de
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "libnuma1")
 CONTAINER_PORT = 8000
 CONTEXT_MARKER = ".course-build-context"
+# The label that records what an image was built from (see context_key): an image that carries the key of
+# the build about to start is that build's result already, and ensure_service_image reuses it.
+CONTEXT_LABEL = "io.inference-course.context-key"
 MODEL_IN_IMAGE = "/models/smollm2"
 
 INSTALL_FIX = ("Install podman (Debian/Ubuntu: `sudo apt-get install podman runc debootstrap`; other systems: "
@@ -119,6 +122,7 @@ def image_info(name: str) -> dict:
         "exposed_ports": sorted((config.get("ExposedPorts") or {}).keys()),
         "healthcheck": (data.get("Healthcheck") or config.get("Healthcheck") or {}).get("Test"),
         "stop_signal": config.get("StopSignal"),
+        "labels": dict(config.get("Labels") or data.get("Labels") or {}),
     }
 
 
@@ -259,6 +263,7 @@ class BuildResult:
     size_bytes: int
     image_id: str
     log: str
+    reused: bool = False  # True: an image built from the same inputs was there; no build ran (log is empty)
 
 
 def build(context: str | os.PathLike, *, target: str = "runtime", tag: str = SERVICE_IMAGE,
@@ -348,10 +353,49 @@ def service_container(image: str = SERVICE_IMAGE, *, model_dir: str | os.PathLik
     return ContainerServer(name, run, image, args, port=port, env=env)
 
 
+def _course_sources() -> list[Path]:
+    """The files the course's wheel is built from: pyproject.toml and the package's source tree."""
+    package = ROOT / "src"
+    files = [p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+             and not p.name.endswith((".pyc", ".pyo")) and ".egg-info" not in str(p.relative_to(package))]
+    return [PYPROJECT, *sorted(files)]
+
+
+def context_key(target: str, *, base: str = BASE_IMAGE, model: str | os.PathLike | None = None) -> str:
+    """A hash of every input of ``podman build`` for ``target``: the Dockerfile, the base image's id, the
+    service's pins and constraints (which fix the wheelhouse), the course's sources (which fix its wheel) and,
+    for the baked target, the model's files (names and sizes, and the bytes of every file but the weights).
+
+    The build labels its image with it (CONTEXT_LABEL). Podman's layer cache would reuse every layer too, but
+    it only knows after a build context of ~1.5 GB was prepared and sent and the COPY of the model hashed:
+    30-60 s on the course's 2-core machines for a build that changes nothing."""
+    digest = hashlib.sha256()
+
+    def add(name: str, data: bytes) -> None:
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+
+    add("target", target.encode())
+    add("dockerfile", DOCKERFILE.read_bytes())
+    add("base", image_info(base)["id"].encode())
+    add("requirements", "\n".join(service_requirements()).encode())
+    add("constraints", CONSTRAINTS.read_bytes())
+    for path in _course_sources():
+        add(str(path.relative_to(ROOT)), path.read_bytes())
+    if model is not None:
+        for path in sorted(Path(model).iterdir()):
+            if path.is_file():
+                size = path.stat().st_size
+                add("model/" + path.name, str(size).encode() if size > 50_000_000 else path.read_bytes())
+    return digest.hexdigest()[:24]
+
+
 def ensure_service_image(*, target: str = "runtime", tag: str | None = None,
                          progress: Callable[[str], None] = print) -> BuildResult:
-    """Base image, build context and build of the service image: minutes the first time on a machine, seconds
-    when podman's layer cache already holds every step (same Dockerfile, same wheels, same course wheel)."""
+    """Base image, build context and build of the service image: minutes the first time on a machine. When
+    ``tag`` is an image built from the same inputs (its CONTEXT_LABEL equals :func:`context_key`), nothing is
+    built and it is returned with ``reused=True``."""
+    started = time.monotonic()
     tag = tag or (SERVICE_IMAGE if target == "runtime" else SERVICE_IMAGE + "-baked")
     base_s = ensure_base_image(progress=progress)
     if base_s:
@@ -361,6 +405,12 @@ def ensure_service_image(*, target: str = "runtime", tag: str | None = None,
         from ..models import ensure_embedded_model
 
         model = ensure_embedded_model()
+    key = context_key(target, model=model)
+    if image_exists(tag):
+        info = image_info(tag)
+        if info["labels"].get(CONTEXT_LABEL) == key:
+            return BuildResult(tag=tag, target=target, seconds=time.monotonic() - started,
+                               size_bytes=info["size_bytes"], image_id=info["id"], log="", reused=True)
     with tempfile.TemporaryDirectory(prefix="course-context-") as folder:
         build_context(folder, model=model, progress=progress)
-        return build(folder, target=target, tag=tag)
+        return build(folder, target=target, tag=tag, extra_args=["--label", f"{CONTEXT_LABEL}={key}"])
