@@ -319,3 +319,55 @@ def test_podman_manifest_says_what_it_changes():
     assert "hostPort" not in container(objects)["ports"][0]  # the rendered objects are not changed
     assert manifest.memory_volumes == {"dshm": "1Gi"}
     assert len(manifest.changes) == 3 and all(isinstance(c, str) for c in manifest.changes)
+
+
+@pytest.mark.engine  # runs podman (a sleeping pod of the base image, no LLM engine)
+def test_a_played_pod_is_removed_when_the_process_that_played_it_is_killed(tmp_path):
+    """Nothing left running after a crash: atexit does not run on SIGKILL (a kernel restarted from JupyterLab),
+    so charts.play's reaper takes the pod, its secret and its volume down."""
+    import signal
+    import time
+
+    from inference_course.deploy import images
+
+    if images.podman_binary() is None:
+        pytest.skip(f"podman not installed: {images.INSTALL_FIX}")
+    if charts.pause_binary_fix():
+        pytest.skip(charts.pause_binary_fix())
+    images.ensure_base_image(progress=lambda line: None)
+    objects = render()
+    # The chart's own objects, its container swapped for a sleeping one: the play is under test, not the service.
+    spec = container(objects)
+    spec.update(image=images.BASE_IMAGE, command=["/usr/bin/sleep", "600"])  # the imported base has no PATH
+    for field in ("args", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle"):
+        spec.pop(field, None)
+    (tmp_path / "objects.yaml").write_text(yaml.safe_dump_all(objects))
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import time, yaml
+from inference_course.deploy import charts
+objects = list(yaml.safe_load_all(open({str(tmp_path / 'objects.yaml')!r})))
+with charts.play(objects, ready_timeout=None) as pod:
+    print(pod.pod, flush=True)
+    time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    manifest = charts.podman_manifest(objects, 1)
+    pod = ""
+    try:
+        pod = child.stdout.readline().strip()
+        assert pod, "the play did not start"
+        assert images.podman("pod", "exists", pod, check=False).returncode == 0
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        deadline = time.monotonic() + 120
+        while images.podman("pod", "exists", pod, check=False).returncode == 0:
+            assert time.monotonic() < deadline, f"pod {pod} still exists 120 s after the process that played it was killed"
+            time.sleep(1)
+        for secret in manifest.secrets:
+            assert images.podman("secret", "inspect", secret, check=False).returncode != 0, secret
+        for volume in manifest.memory_volumes:
+            assert images.podman("volume", "exists", volume, check=False).returncode != 0, volume
+    finally:
+        child.kill()
+        if pod:
+            images.podman("pod", "rm", "-f", "-t", "0", "--ignore", pod, check=False)
+        charts.down(manifest, tmp_path / "missing.yaml")

@@ -79,7 +79,7 @@ def test_the_image_holds_the_bytecode_of_its_environment(built):
     probe = images.podman("run", "--rm", "--pull=never", "--entrypoint", "python", runtime.tag, "-c", """
 import importlib.util, pathlib, sys
 missing = [str(p) for root in ("/opt/venv/lib/python3.11/site-packages/vllm",
-                               "/opt/venv/lib/python3.11/site-packages/inference_course")
+                               "/opt/course/inference_course")
            for p in pathlib.Path(root).rglob("*.py")
            if not pathlib.Path(importlib.util.cache_from_source(str(p))).exists()]
 print(len(missing), missing[:5])

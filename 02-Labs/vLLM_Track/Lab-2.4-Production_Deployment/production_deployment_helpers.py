@@ -35,6 +35,7 @@ SITE_PACKAGES = "/opt/venv/lib/python3.11/site-packages"
 _GROUPS = (
     ("model", re.compile(r"COPY .* in /models")),
     ("virtual environment", re.compile(r"COPY .* in /opt/venv")),
+    ("the course's code", re.compile(r"COPY .* in /opt/course")),
     ("runtime setup (user, libnuma)", re.compile(r"useradd|apt-get")),
     ("base image (debootstrap)", re.compile(r"ADD file:.* in /\s*$")),
 )

@@ -823,6 +823,9 @@ def play(objects: Objects, *, host_port: int | None = None, folder: str | Path |
         down(manifest, path)
 
     atexit.register(cleanup)
+    # atexit does not run when this process is SIGKILLed (a kernel restarted from JupyterLab): the reaper does
+    # the same cleanup then. It watches a sentinel process of ours; stopping the sentinel retires it.
+    sentinel, reaper = _start_play_reaper(manifest, path)
     try:
         for name, data in manifest.secrets.items():
             payload = json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
@@ -844,4 +847,34 @@ def play(objects: Objects, *, host_port: int | None = None, folder: str | Path |
     finally:
         down(manifest, path)
         atexit.unregister(cleanup)
+        _stop_play_reaper(sentinel, reaper)
+
+
+def _start_play_reaper(manifest: PlayManifest, path: Path):
+    """A sentinel process in its own group and the course's reaper (inference_course._reaper) on that group:
+    if this process dies, the reaper runs ``podman kube down`` and removes the play's secrets and volumes."""
+    import shlex
+
+    from ..servers import _start_reaper
+    from .images import podman_cmd, podman_env
+
+    volumes = [v["name"] for w in _workloads(manifest.documents)
+               for v in w["spec"]["template"]["spec"].get("volumes", []) if "emptyDir" in v]
+    steps = [podman_cmd("kube", "down", str(path))]
+    steps += [podman_cmd("secret", "rm", name) for name in manifest.secrets]
+    steps += [podman_cmd("volume", "rm", "-f", name) for name in volumes]
+    script = "; ".join(shlex.join(step) for step in steps)
+    sentinel = subprocess.Popen(["sleep", "infinity"], start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cleanup = ["env", f"CONTAINERS_CONF={podman_env()['CONTAINERS_CONF']}", "sh", "-c", script]
+    return sentinel, _start_reaper(sentinel.pid, cleanup)
+
+
+def _stop_play_reaper(sentinel: subprocess.Popen, reaper: subprocess.Popen) -> None:
+    sentinel.kill()
+    sentinel.wait()
+    try:
+        reaper.wait(timeout=10)  # it sees the sentinel's group gone and exits without cleaning up
+    except subprocess.TimeoutExpired:
+        reaper.kill()
 
