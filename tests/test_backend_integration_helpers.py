@@ -252,3 +252,51 @@ def test_accelerated_models_match_direct_execution(served, artifacts, int8):
     for name, expected in direct.items():
         served.load_model(name)
         assert np.allclose(_infer(served, name, x), expected, atol=1e-5, rtol=1e-5), name
+
+
+# -- notebook 03 (LLM backends): the parts that need no engine; the notebook runs the rest under nbval ------
+
+TRITON_METRICS = """# HELP nv_inference_request_success Number of successful inference requests, all batch sizes
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="llm_vllm",version="1"} 21
+nv_inference_request_success{model="llm_vllm",version="2"} 4
+nv_inference_request_success{model="llm",version="1"} 9
+# HELP nv_inference_request_duration_us Cumulative inference request duration in microseconds
+# TYPE nv_inference_request_duration_us counter
+nv_inference_request_duration_us{model="llm_vllm",version="1"} 105000
+# HELP nv_cpu_utilization CPU utilization rate [0.0 - 1.0]
+# TYPE nv_cpu_utilization gauge
+nv_cpu_utilization 0.5
+"""
+
+
+def test_triton_metrics_reads_counters_by_their_own_name_and_sums_versions():
+    assert H.triton_metrics(TRITON_METRICS, "llm_vllm") == {
+        "nv_inference_request_success": 25.0, "nv_inference_request_duration_us": 105000.0}
+    assert H.triton_metrics(TRITON_METRICS, "llm") == {"nv_inference_request_success": 9.0}
+    assert H.triton_metrics(TRITON_METRICS, "absent") == {}
+
+
+def test_the_vllm_model_copy_carries_the_engine_settings(tmp_path):
+    import json
+
+    folder = H.write_vllm_model(tmp_path, "/models/x", {"dtype": "float32", "max_model_len": 512}, max_tokens=8)
+    config = triton.parse_config(folder)
+    assert config.backend == "vllm_course" and config.model_transaction_policy.decoupled
+    assert config.parameters["model_dir"].string_value == "/models/x"
+    assert json.loads(config.parameters["engine_args"].string_value) == {"dtype": "float32", "max_model_len": 512}
+    assert config.parameters["max_tokens"].string_value == "8"
+    assert (folder / "1").is_dir()  # Triton needs the version folder; the code is the backend's
+    hand = H.write_handwritten_model(tmp_path, "/models/x", kind="KIND_GPU", max_tokens=8)
+    config = triton.parse_config(hand)
+    assert config.backend == "python" and config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+    assert (hand / "1" / "model.py").read_text() == (H.LAB22_REPOSITORY / "llm" / "1" / "model.py").read_text()
+
+
+@needs_triton
+def test_python_backends_are_installed_where_triton_looks_for_them(tmp_path):
+    root = triton.install_python_backends({"vllm_course": H.VLLM_BACKEND})
+    assert (root / "vllm_course" / "model.py").read_text() == (H.VLLM_BACKEND / "model.py").read_text()
+    assert (root / "python" / "libtriton_python.so").is_file()  # Python-based backends run on it
+    with pytest.raises(FileNotFoundError, match="model.py"):
+        triton.install_python_backends({"empty": tmp_path})

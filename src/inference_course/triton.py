@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 from .servers import HOST, ManagedServer, ServerError, free_port, http_ok
@@ -105,6 +106,28 @@ def backend_directory(python: str | None = None) -> Path:
     return target_root
 
 
+def install_python_backends(backends: Mapping[str, str | os.PathLike], binary: Path | None = None) -> Path:
+    """Copy each Python-based backend's ``model.py`` to ``<backend directory>/<name>/model.py``, where Triton
+    looks for a backend named in ``config.pbtxt`` (``backend: "<name>"``) that has no shared library."""
+    binary = binary or find_tritonserver()
+    if not is_bundled(binary):
+        raise ServerError(
+            f"{binary} uses its own backend directory (/opt/tritonserver/backends in NVIDIA's container): mount "
+            "each Python-based backend there, e.g. `-v $PWD/backends/vllm_course:/opt/tritonserver/backends/"
+            "vllm_course`")
+    root = backend_directory()
+    for name, folder in backends.items():
+        source = Path(folder) / "model.py"
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} does not exist: a Python-based backend is a folder with a model.py")
+        target = root / name / "model.py"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".model.py.{os.getpid()}")
+        shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+    return root
+
+
 def server_env() -> dict[str, str]:
     """Environment for the server: bundled libraries on the loader path, this interpreter first on PATH
     (the Python backend runs models with the ``python3`` it finds there)."""
@@ -129,14 +152,19 @@ def server_env() -> dict[str, str]:
 def triton_server(model_repository: str | os.PathLike, *, model_control_mode: str = "none",
                   load_models: tuple[str, ...] | list[str] = (), extra_args: tuple[str, ...] | list[str] = (),
                   startup_timeout: float = 120.0, strict_model_config: bool = True,
-                  log_verbose: int = 0, exit_timeout_s: int = 5) -> ManagedServer:
+                  log_verbose: int = 0, exit_timeout_s: int = 5,
+                  python_backends: Mapping[str, str | os.PathLike] | None = None) -> ManagedServer:
     """A real ``tritonserver`` on free loopback ports (HTTP, gRPC, metrics), not yet started.
 
     Use it as a context manager; ``server.ports`` holds ``http``, ``grpc`` and ``metrics``.
     ``exit_timeout_s``: how long the server waits at shutdown for in-flight requests and open client
     connections (Triton's default is 30 s; a client left open would make every stop that slow).
+    ``python_backends``: ``{name: folder}`` of Python-based backends (a folder with a ``model.py``, such as
+    Triton Lab 2.3's ``backends/vllm_course``), installed where ``backend: "<name>"`` finds them.
     """
     binary = find_tritonserver()
+    if python_backends:
+        install_python_backends(python_backends, binary)
     http, grpc, metrics = free_port(), free_port(), free_port()
     while len({http, grpc, metrics}) < 3:
         grpc, metrics = free_port(), free_port()

@@ -12,14 +12,22 @@
 * writers that copy the models into a run's repository with ``inference_course.triton.copy_model``,
   filling in per-run values (``write_python_models``, ``write_native_models``), and the check of a
   native config against its artefact (``native_problems``);
-* small timers for the client side (``time_calls``).
+* small timers for the client side (``time_calls``);
+* notebook 03 (LLM backends): the course's Python-based vLLM backend beside this module
+  (``backends/vllm_course/model.py``, ``VLLM_BACKEND``) and its model (``write_vllm_model``), the
+  streaming client that drives a token-streaming Triton model at a fixed concurrency
+  (``triton_stream_requests``, whose results ``inference_course.bench.summarize`` reads like those of
+  ``vllm serve``), and Triton's own metrics read with the Prometheus client's parser (``triton_metrics``).
 
 The server itself comes from ``inference_course.triton`` (binary, ports, start/stop).
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import queue
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +35,8 @@ from pathlib import Path
 from inference_course import triton
 
 MODEL_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+# Python-based backends written by the course: backend "vllm_course" is backends/vllm_course/model.py.
+VLLM_BACKEND = Path(__file__).resolve().parent / "backends" / "vllm_course"
 IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 INPUT, OUTPUT = "INPUT__0", "OUTPUT__0"
@@ -400,3 +410,152 @@ def trt_accelerator(config) -> dict | None:
         if accelerator.name == "tensorrt":
             return dict(sorted(accelerator.parameters.items()))  # a protobuf map has no fixed order
     return None
+
+
+# -- notebook 03: LLM backends ---------------------------------------------------------------------------
+
+# Lab 2.2's hand-written generate model (transformers, one forward per token), reused as it is.
+LAB22_REPOSITORY = Path(__file__).resolve().parents[1] / "Lab-2.2-Multi_Model_Management" / "model_repository"
+
+
+def write_handwritten_model(repository, model_dir, *, kind: str = "KIND_CPU", max_tokens: int = 32,
+                            dtype: str = "float32", name: str = "llm") -> Path:
+    """Copy Lab 2.2's ``model_repository/llm`` (the hand-written transformers model) into ``repository``."""
+    replace = {} if kind == "KIND_CPU" else {"kind: KIND_CPU": f"kind: {kind}"}
+    return triton.copy_model(LAB22_REPOSITORY, "llm", repository, name=name, replace=replace, parameters={
+        "model_dir": str(model_dir), "max_tokens": max_tokens, "dtype": dtype, "temperature": 0.0, "seed": 0})
+
+
+def triton_generate(grpc_url: str, model: str, ids, max_tokens: int, timeout_s: float = 300.0) -> list[int]:
+    """One greedy request to a token-streaming model: the token ids of its responses, in order."""
+    import tritonclient.grpc as grpcclient
+
+    arrivals: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: arrivals.put((result, error)))
+        client.async_stream_infer(model, _stream_inputs(ids, max_tokens, None), enable_empty_final_response=True)
+        tokens = []
+        while True:
+            result, error = arrivals.get(timeout=timeout_s)
+            if error is not None:
+                raise RuntimeError(f"{model}: {error}")
+            response = result.get_response()
+            if response.outputs:
+                tokens.append(int(result.as_numpy("TOKEN_ID").reshape(-1)[0]))
+            if response.parameters["triton_final_response"].bool_param:
+                return tokens
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def write_vllm_model(repository, model_dir, engine_args: dict, *, name: str = "llm_vllm",
+                     max_tokens: int = 32) -> Path:
+    """Copy ``model_repository/llm_vllm`` into ``repository`` with the model folder and the engine's
+    settings (JSON; keys of vLLM's ``AsyncEngineArgs``) filled in."""
+    return triton.copy_model(MODEL_REPOSITORY, "llm_vllm", repository, name=name, parameters={
+        "model_dir": str(model_dir), "engine_args": json.dumps(engine_args, sort_keys=True),
+        "max_tokens": max_tokens})
+
+
+def _stream_inputs(ids, max_tokens: int, ignore_eos: bool | None):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    inputs = [grpcclient.InferInput("INPUT_IDS", [ids.size], "INT64"),
+              grpcclient.InferInput("MAX_TOKENS", [1], "INT32")]
+    inputs[0].set_data_from_numpy(ids)
+    inputs[1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+    if ignore_eos is not None:  # only models that declare IGNORE_EOS take it (Lab 2.2's `llm` does not)
+        inputs.append(grpcclient.InferInput("IGNORE_EOS", [1], "BOOL"))
+        inputs[-1].set_data_from_numpy(np.array([ignore_eos], dtype=bool))
+    return inputs
+
+
+def triton_stream_requests(grpc_url: str, model: str, prompts, *, concurrency: int, max_tokens: int,
+                           ignore_eos: bool | None = None, timeout_s: float = 600.0):
+    """Send every prompt (a list of token ids) once to a decoupled Triton model that streams one TOKEN_ID per
+    response, at most ``concurrency`` in flight: ``concurrency`` workers, each with its own gRPC stream, take
+    the next prompt as soon as their previous request ended (a closed loop, as ``bench.run`` keeps
+    ``concurrency`` requests in flight). Returns ``(results, duration_s)``: one ``bench.RequestResult`` per
+    prompt (TTFT = first token response, ITL = the gaps between token responses, latency = the final
+    response) and the wall time of the whole run."""
+    import tritonclient.grpc as grpcclient
+
+    from inference_course.bench import RequestResult
+
+    prompts = [list(p) for p in prompts]
+    results: list = [None] * len(prompts)
+    todo: queue.Queue = queue.Queue()
+    for index in range(len(prompts)):
+        todo.put(index)
+    clients = []
+    for _ in range(min(concurrency, len(prompts))):
+        arrivals: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(grpc_url)
+        client.start_stream(callback=lambda result, error, q=arrivals: q.put((time.perf_counter(), result, error)))
+        clients.append((client, arrivals))
+    start_gate = threading.Barrier(len(clients) + 1)
+
+    def worker(client, arrivals):
+        start_gate.wait()
+        while True:
+            try:
+                index = todo.get_nowait()
+            except queue.Empty:
+                return
+            sent = time.perf_counter()
+            times, error = [], None
+            try:
+                client.async_stream_infer(model, _stream_inputs(prompts[index], max_tokens, ignore_eos),
+                                          request_id=str(index), enable_empty_final_response=True)
+                while True:
+                    now, result, failure = arrivals.get(timeout=timeout_s)
+                    if failure is not None:
+                        error = str(failure)
+                        break
+                    response = result.get_response()
+                    if response.outputs:
+                        times.append(now)
+                    if response.parameters["triton_final_response"].bool_param:
+                        break
+            except queue.Empty:
+                error = f"no response for {timeout_s:g} s"
+            end = time.perf_counter()
+            ok = error is None and bool(times)
+            results[index] = RequestResult(
+                ok=ok, prompt_tokens=len(prompts[index]), output_tokens=len(times), start=sent - t0,
+                ttft=(times[0] - sent) if times else None, latency=end - sent,
+                itl=[b - a for a, b in zip(times, times[1:])], error=error if not ok else None)
+
+    threads = [threading.Thread(target=worker, args=pair, daemon=True) for pair in clients]
+    try:
+        for thread in threads:
+            thread.start()
+        t0 = time.perf_counter()
+        start_gate.wait()
+        for thread in threads:
+            thread.join()
+        duration = time.perf_counter() - t0
+    finally:
+        for client, _ in clients:
+            client.stop_stream()
+            client.close()
+    return results, duration
+
+
+def triton_metrics(metrics_text: str, model: str) -> dict[str, float]:
+    """Triton's per-model metrics from its /metrics text (parsed with prometheus_client's parser): every
+    ``nv_inference_*`` sample whose ``model`` label is ``model``, versions summed. A counter is keyed by the
+    name Triton gives it (the parser calls its sample ``<name>_total``), other samples by their own name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name.startswith("nv_inference_") and sample.labels.get("model") == model:
+                key = family.name if family.type == "counter" else sample.name
+                values[key] = values.get(key, 0.0) + sample.value
+    return values
