@@ -19,12 +19,14 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import textwrap
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .servers import HOST, ManagedServer, ServerError, free_port, http_ok
@@ -147,6 +149,76 @@ def server_env() -> dict[str, str]:
     paths = [p for p in sys.path if p and os.path.isdir(p)]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
+
+
+# -- token-streaming generate models (Lab 2.2's hand-written `llm`, Lab 2.3's `llm_vllm`) -------------------
+
+def stream_inputs(input_ids, max_tokens: int | None = None, ignore_eos: bool | None = None):
+    """The gRPC inputs of a generate model: INPUT_IDS (INT64), and MAX_TOKENS / IGNORE_EOS when given (only
+    models that declare IGNORE_EOS take it)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+    inputs = [grpcclient.InferInput("INPUT_IDS", [ids.size], "INT64")]
+    inputs[0].set_data_from_numpy(ids)
+    if max_tokens is not None:
+        inputs.append(grpcclient.InferInput("MAX_TOKENS", [1], "INT32"))
+        inputs[-1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+    if ignore_eos is not None:
+        inputs.append(grpcclient.InferInput("IGNORE_EOS", [1], "BOOL"))
+        inputs[-1].set_data_from_numpy(np.array([ignore_eos], dtype=bool))
+    return inputs
+
+
+@dataclass
+class StreamResult:
+    token_ids: list[int]
+    arrival_s: list[float]  # seconds after the request was sent, one per token
+
+    @property
+    def ttft_s(self) -> float:
+        return self.arrival_s[0] if self.arrival_s else math.nan
+
+    @property
+    def total_s(self) -> float:
+        return self.arrival_s[-1] if self.arrival_s else math.nan
+
+
+def stream_generate(grpc_url: str, model: str, input_ids, max_tokens: int | None = None,
+                    on_token=None, timeout_s: float = 120.0) -> StreamResult:
+    """Send one generate request over a gRPC stream and collect the token responses as they arrive.
+
+    ``on_token(token_id, seconds_since_send)`` runs for each token (e.g. to print it live)."""
+    import queue
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    arrivals: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: arrivals.put((time.perf_counter(), result, error)))
+        tokens, times = [], []
+        t0 = time.perf_counter()
+        client.async_stream_infer(model, stream_inputs(input_ids, max_tokens), enable_empty_final_response=True)
+        while True:
+            t, result, error = arrivals.get(timeout=timeout_s)
+            if error is not None:
+                raise RuntimeError(f"generate failed: {error}")
+            response = result.get_response()
+            if response.outputs:
+                token = int(result.as_numpy("TOKEN_ID").reshape(-1)[0])
+                tokens.append(token)
+                times.append(t - t0)
+                if on_token:
+                    on_token(token, t - t0)
+            if response.parameters["triton_final_response"].bool_param:
+                break
+        return StreamResult(tokens, times)
+    finally:
+        client.stop_stream()
+        client.close()
 
 
 def triton_server(model_repository: str | os.PathLike, *, model_control_mode: str = "none",

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import queue
 import random
 import threading
 import time
@@ -80,57 +79,10 @@ def write_llm_model(repository, name: str, model_dir: str, **config_kw) -> Path:
                              **_llm_changes(str(model_dir), **config_kw))
 
 
-@dataclass
-class StreamResult:
-    token_ids: list[int]
-    arrival_s: list[float]  # seconds after the request was sent, one per token
-
-    @property
-    def ttft_s(self) -> float:
-        return self.arrival_s[0] if self.arrival_s else math.nan
-
-    @property
-    def total_s(self) -> float:
-        return self.arrival_s[-1] if self.arrival_s else math.nan
-
-
-def stream_generate(grpc_url: str, model: str, input_ids, max_tokens: int | None = None,
-                    on_token=None, timeout_s: float = 120.0) -> StreamResult:
-    """Send one generate request over a gRPC stream and collect the token responses as they arrive.
-
-    ``on_token(token_id, seconds_since_send)`` runs for each token (e.g. to print it live)."""
-    import tritonclient.grpc as grpcclient
-
-    arrivals: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(grpc_url)
-    try:
-        client.start_stream(callback=lambda result, error: arrivals.put((time.perf_counter(), result, error)))
-        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        inputs = [grpcclient.InferInput("INPUT_IDS", [ids.size], "INT64")]
-        inputs[0].set_data_from_numpy(ids)
-        if max_tokens is not None:
-            inputs.append(grpcclient.InferInput("MAX_TOKENS", [1], "INT32"))
-            inputs[1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
-        tokens, times = [], []
-        t0 = time.perf_counter()
-        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
-        while True:
-            t, result, error = arrivals.get(timeout=timeout_s)
-            if error is not None:
-                raise RuntimeError(f"generate failed: {error}")
-            response = result.get_response()
-            if response.outputs:
-                token = int(result.as_numpy("TOKEN_ID").reshape(-1)[0])
-                tokens.append(token)
-                times.append(t - t0)
-                if on_token:
-                    on_token(token, t - t0)
-            if response.parameters["triton_final_response"].bool_param:
-                break
-        return StreamResult(tokens, times)
-    finally:
-        client.stop_stream()
-        client.close()
+# The streaming client (one generate request, its tokens and their arrival times) lives in the package,
+# which Lab 2.3 uses too; named here as the notebooks call it (mm.stream_generate).
+StreamResult = triton.StreamResult
+stream_generate = triton.stream_generate
 
 
 # -- small non-LLM models ---------------------------------------------------------------------------

@@ -426,30 +426,6 @@ def write_handwritten_model(repository, model_dir, *, kind: str = "KIND_CPU", ma
         "model_dir": str(model_dir), "max_tokens": max_tokens, "dtype": dtype, "temperature": 0.0, "seed": 0})
 
 
-def triton_generate(grpc_url: str, model: str, ids, max_tokens: int, timeout_s: float = 300.0) -> list[int]:
-    """One greedy request to a token-streaming model: the token ids of its responses, in order."""
-    import tritonclient.grpc as grpcclient
-
-    arrivals: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(grpc_url)
-    try:
-        client.start_stream(callback=lambda result, error: arrivals.put((result, error)))
-        client.async_stream_infer(model, _stream_inputs(ids, max_tokens, None), enable_empty_final_response=True)
-        tokens = []
-        while True:
-            result, error = arrivals.get(timeout=timeout_s)
-            if error is not None:
-                raise RuntimeError(f"{model}: {error}")
-            response = result.get_response()
-            if response.outputs:
-                tokens.append(int(result.as_numpy("TOKEN_ID").reshape(-1)[0]))
-            if response.parameters["triton_final_response"].bool_param:
-                return tokens
-    finally:
-        client.stop_stream()
-        client.close()
-
-
 def write_vllm_model(repository, model_dir, engine_args: dict, *, name: str = "llm_vllm",
                      max_tokens: int = 32) -> Path:
     """Copy ``model_repository/llm_vllm`` into ``repository`` with the model folder and the engine's
@@ -457,21 +433,6 @@ def write_vllm_model(repository, model_dir, engine_args: dict, *, name: str = "l
     return triton.copy_model(MODEL_REPOSITORY, "llm_vllm", repository, name=name, parameters={
         "model_dir": str(model_dir), "engine_args": json.dumps(engine_args, sort_keys=True),
         "max_tokens": max_tokens})
-
-
-def _stream_inputs(ids, max_tokens: int, ignore_eos: bool | None):
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    inputs = [grpcclient.InferInput("INPUT_IDS", [ids.size], "INT64"),
-              grpcclient.InferInput("MAX_TOKENS", [1], "INT32")]
-    inputs[0].set_data_from_numpy(ids)
-    inputs[1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
-    if ignore_eos is not None:  # only models that declare IGNORE_EOS take it (Lab 2.2's `llm` does not)
-        inputs.append(grpcclient.InferInput("IGNORE_EOS", [1], "BOOL"))
-        inputs[-1].set_data_from_numpy(np.array([ignore_eos], dtype=bool))
-    return inputs
 
 
 def triton_stream_requests(grpc_url: str, model: str, prompts, *, concurrency: int, max_tokens: int,
@@ -509,7 +470,7 @@ def triton_stream_requests(grpc_url: str, model: str, prompts, *, concurrency: i
             sent = time.perf_counter()
             times, error = [], None
             try:
-                client.async_stream_infer(model, _stream_inputs(prompts[index], max_tokens, ignore_eos),
+                client.async_stream_infer(model, triton.stream_inputs(prompts[index], max_tokens, ignore_eos),
                                           request_id=str(index), enable_empty_final_response=True)
                 while True:
                     now, result, failure = arrivals.get(timeout=timeout_s)

@@ -777,11 +777,15 @@ def down(played: PlayedPod | PlayManifest, path: str | Path | None = None) -> st
         out = done.stdout
     for secret in manifest.secrets:
         podman("secret", "rm", secret, check=False)
-    volumes = [v["name"] for w in _workloads(manifest.documents)
-               for v in w["spec"]["template"]["spec"].get("volumes", []) if "emptyDir" in v]
-    for volume in volumes:
+    for volume in _emptydir_volumes(manifest):
         podman("volume", "rm", "-f", volume, check=False)
     return out
+
+
+def _emptydir_volumes(manifest: PlayManifest) -> list[str]:
+    """The podman volumes a play of ``manifest`` makes: one per emptyDir of its workload."""
+    return [v["name"] for w in _workloads(manifest.documents)
+            for v in w["spec"]["template"]["spec"].get("volumes", []) if "emptyDir" in v]
 
 
 def pause_binary_fix() -> str | None:
@@ -856,18 +860,15 @@ def _start_play_reaper(manifest: PlayManifest, path: Path):
     import shlex
 
     from ..servers import _start_reaper
-    from .images import podman_cmd, podman_env
+    from .images import podman_cmd, podman_env_args
 
-    volumes = [v["name"] for w in _workloads(manifest.documents)
-               for v in w["spec"]["template"]["spec"].get("volumes", []) if "emptyDir" in v]
     steps = [podman_cmd("kube", "down", str(path))]
     steps += [podman_cmd("secret", "rm", name) for name in manifest.secrets]
-    steps += [podman_cmd("volume", "rm", "-f", name) for name in volumes]
+    steps += [podman_cmd("volume", "rm", "-f", name) for name in _emptydir_volumes(manifest)]
     script = "; ".join(shlex.join(step) for step in steps)
     sentinel = subprocess.Popen(["sleep", "infinity"], start_new_session=True, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cleanup = ["env", f"CONTAINERS_CONF={podman_env()['CONTAINERS_CONF']}", "sh", "-c", script]
-    return sentinel, _start_reaper(sentinel.pid, cleanup)
+    return sentinel, _start_reaper(sentinel.pid, [*podman_env_args(), "sh", "-c", script])
 
 
 def _stop_play_reaper(sentinel: subprocess.Popen, reaper: subprocess.Popen) -> None:

@@ -76,6 +76,12 @@ def podman_env() -> dict[str, str]:
     return env
 
 
+def podman_env_args() -> list[str]:
+    """``env CONTAINERS_CONF=...``: the prefix of a podman command run by a process (the reaper) whose
+    environment may not name the course's containers.conf."""
+    return ["env", f"CONTAINERS_CONF={podman_env()['CONTAINERS_CONF']}"]
+
+
 def podman_cmd(*args: str) -> list[str]:
     binary = podman_binary()
     if binary is None:
@@ -299,9 +305,7 @@ class ContainerServer(servers.ManagedServer):
                          *[arg for key in env for arg in ("-e", key)], *run_args, image, *args)
         super().__init__("container", cmd, port=port, ready_path=ready_path, startup_timeout=startup_timeout,
                          env={**podman_env(), **env})
-        # `env`: the reaper inherits this process's environment, which may not name the course's containers.conf
-        self.reaper_cleanup = ["env", f"CONTAINERS_CONF={podman_env()['CONTAINERS_CONF']}",
-                               *podman_cmd("rm", "-f", "-t", "5", "--ignore", name)]
+        self.reaper_cleanup = [*podman_env_args(), *podman_cmd("rm", "-f", "-t", "5", "--ignore", name)]
         self.exit_code: int | None = None
 
     def state(self) -> dict:
