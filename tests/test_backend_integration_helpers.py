@@ -9,6 +9,7 @@ torch and its runtime (about a second each on 2 cores); the file took 35 s while
 """
 import ast
 import inspect
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -300,3 +301,54 @@ def test_python_backends_are_installed_where_triton_looks_for_them(tmp_path):
     assert (root / "python" / "libtriton_python.so").is_file()  # Python-based backends run on it
     with pytest.raises(FileNotFoundError, match="model.py"):
         triton.install_python_backends({"empty": tmp_path})
+
+
+# -- notebook 04: the decision table's pieces, on measurements written by hand -----------------------------
+
+def _m02(served_b1=(1.0, 0.5), direct_rate=(100.0, 400.0), served_rate=((10.0, 40.0), (12.0, 70.0))):
+    variants = ("torch_eager_f32", "ort_all")
+    served = {v: {"p50_ms_b1": served_b1[i], "rows/s b=1": served_rate[i][0], "rows/s b=8": served_rate[i][1],
+                  "best_batch": 8, "rows/s best": served_rate[i][1]} for i, v in enumerate(variants)}
+    direct = {v: {"max_abs_diff": [1e-7, 2e-7][i], "top1_agree": 1.0, "p50_ms_b1": 0.1, "rows/s best": direct_rate[i]}
+              for i, v in enumerate(variants)}
+    return {"batches": [1, 8], "pays_off": 1.1, "served": served, "direct": direct}
+
+
+def _m01(eager_b1=1.1, openvino_b1=0.8):
+    return {"table": {"torch_eager": {"p50_ms_triton": eager_b1, "load_s": 2.0},
+                      "openvino": {"p50_ms_triton": openvino_b1, "load_s": 3.0}}}
+
+
+def test_cnn_options_compares_every_served_variant_with_eager():
+    m02 = _m02()
+    m02["served"]["openvino_f32"] = dict(m02["served"]["torch_eager_f32"], p50_ms_b1=0.9)
+    m02["direct"]["openvino_f32"] = dict(m02["direct"]["torch_eager_f32"], top1_agree=0.75)
+    frame = H.cnn_options(_m01(), m02)
+    assert list(frame.index) == ["torch_eager_f32", "ort_all", "openvino_f32"]
+    assert frame.loc["ort_all", "x b=1"] == pytest.approx(1.2) and frame.loc["ort_all", "x b=8"] == pytest.approx(1.75)
+    assert frame.loc["ort_all", "speedup_b1"] == pytest.approx(2.0)
+    assert frame.loc["ort_all", "direct_speedup_best"] == pytest.approx(4.0)
+    assert frame.loc["openvino_f32", "top1_agree"] == 0.75 and frame.loc["openvino_f32", "load_s"] == 3.0
+    assert math.isnan(frame.loc["ort_all", "load_s"])  # this m01 has no onnxruntime row
+    assert frame.loc["torch_eager_f32", "load_s"] == 2.0
+
+
+def test_noise_floor_is_the_largest_gap_between_the_two_notebooks():
+    m02 = _m02()
+    m02["served"]["openvino_f32"] = dict(m02["served"]["torch_eager_f32"], p50_ms_b1=1.0)
+    assert H.noise_floor(_m01(eager_b1=1.1, openvino_b1=0.8), m02) == pytest.approx(0.25)  # 0.8 vs 1.0
+    assert H.noise_floor(_m01(eager_b1=1.0, openvino_b1=1.0), m02) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("ratios, paying, top1, expected", [
+    ({1: 0.9, 8: 1.4}, [], 1.0, "at every batch measured"),
+    ({1: 1.3, 8: 1.4}, [1, 8], 1.0, "not within the batches measured"),
+    ({1: 0.9, 8: 1.4, 32: 1.5}, [8, 32], 1.0, "below batch 8"),
+    ({1: 1.5, 8: 1.2, 32: 0.9}, [1, 8], 1.0, "above batch 8"),
+    ({1: 0.9, 8: 1.4, 32: 0.9}, [8], 1.0, "outside batch 8"),
+    ({1: 1.3, 8: 1.4}, [1, 8], 0.875, "changes the class of 12.5% of the test rows"),
+])
+def test_cnn_stops_paying_names_each_shape(ratios, paying, top1, expected):
+    text = H.cnn_stops_paying(ratios, paying, top1)
+    assert expected in text
+    assert ("changes the class" in text) == (top1 < 1.0)

@@ -129,3 +129,23 @@ def test_values_are_formatted_for_reading():
     assert notebooks.format_value(46.26) == "46.26"
     assert notebooks.format_value(0.012345) == "0.0123"
     assert notebooks.format_value(3) == "3" and notebooks.format_value("n/a") == "n/a"
+
+
+def test_measurements_round_trip_and_refuse_another_profile(tmp_path, monkeypatch):
+    import numpy as np
+
+    lab = tmp_path / "Lab-9.9-Example"
+    (lab / "solutions").mkdir(parents=True)
+    (lab / "solutions" / "01-First.ipynb").write_text("{}")
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    path = notebooks.save_measurements("01", {"rate": np.float64(2.5), "rows": {"a": [np.int64(3), 1.0]}}, lab=lab)
+    assert path == lab / ".measurements" / "01.json"
+    record = notebooks.load_measurements(["01"], lab=lab)["01"]
+    assert record["profile"] == "cpu" and record["data"] == {"rate": 2.5, "rows": {"a": [3, 1.0]}}
+    with pytest.raises(ValueError, match="'cpu' profile.*run notebook 01-First.ipynb again"):
+        notebooks.load_measurements(["01"], lab=lab, profile="gpu")
+    with pytest.raises(FileNotFoundError, match="run notebook 02-\\*.ipynb of Lab-9.9-Example first"):
+        notebooks.load_measurements(["01", "02"], lab=lab)
+    with pytest.raises(TypeError, match="convert it before saving"):
+        notebooks.save_measurements("03", {"frame": object()}, lab=lab)
+    assert not (lab / ".measurements" / "03.json").exists()

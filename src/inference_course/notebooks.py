@@ -153,6 +153,69 @@ def headline(name: str, value, unit: str = "", note: str = "") -> None:
              HEADLINE_MIME: {"name": name, "value": value, "unit": unit, "note": note}}, raw=True)
 
 
+# -- measurements one notebook hands to a later one of its lab ----------------------------------------
+
+MEASUREMENTS_DIR = ".measurements"  # inside the lab's folder; git-ignored (every run writes its own)
+
+
+def _jsonable(value):
+    if hasattr(value, "item") and callable(value.item):  # numpy and torch scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not a number, string, list or dict: convert it before saving")
+
+
+def save_measurements(name: str, data: dict, lab: str | os.PathLike | None = None) -> Path:
+    """Write this run's measurements for a later notebook of the same lab (a summary that compares them).
+
+    ``name`` is the notebook's number (``"01"``); the file ``<lab>/.measurements/<name>.json`` records the
+    profile, the device and the time it was written, so the reader can refuse numbers from another
+    profile. Returns the file's path."""
+    import datetime
+
+    from .profiles import get_profile
+
+    folder = Path(lab) if lab else find_lab_dir()
+    if folder is None:
+        raise RuntimeError("save_measurements: no Lab-* folder above the working directory; pass lab=")
+    profile = get_profile()
+    record = {"notebook": name, "profile": profile.name, "device": profile.device,
+              "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "data": data}
+    path = folder / MEASUREMENTS_DIR / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    text = json.dumps(record, indent=1, default=_jsonable, allow_nan=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)  # a reader never sees half a file
+    return path
+
+
+def load_measurements(names, lab: str | os.PathLike | None = None, profile: str | None = None) -> dict[str, dict]:
+    """The records ``save_measurements`` wrote for ``names`` in this lab, all from ``profile`` (default:
+    the active one). A missing file or one from another profile raises with the notebook to run."""
+    from .profiles import get_profile
+
+    folder = Path(lab) if lab else find_lab_dir()
+    if folder is None:
+        raise RuntimeError("load_measurements: no Lab-* folder above the working directory; pass lab=")
+    profile = profile or get_profile().name
+    records = {}
+    for name in names:
+        path = folder / MEASUREMENTS_DIR / f"{name}.json"
+        notebooks = sorted(p.name for p in (folder / "solutions").glob(f"{name}-*.ipynb")) or [f"{name}-*.ipynb"]
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: run notebook {notebooks[0]} of {folder.name} first, on the {profile} "
+                "profile; it writes this file in its last cells")
+        record = json.loads(path.read_text())
+        if record.get("profile") != profile:
+            raise ValueError(
+                f"{path} holds measurements of the {record.get('profile')!r} profile (written "
+                f"{record.get('written')}), this run is {profile!r}: run notebook {notebooks[0]} again on this profile")
+        records[name] = record
+    return records
+
+
 # -- the generator ----------------------------------------------------------------------------------
 
 class MarkerError(ValueError):

@@ -520,3 +520,71 @@ def triton_metrics(metrics_text: str, model: str) -> dict[str, float]:
                 key = family.name if family.type == "counter" else sample.name
                 values[key] = values.get(key, 0.0) + sample.value
     return values
+
+
+# -- notebook 04: choosing a backend from what notebooks 01-03 measured ---------------------------------
+
+def cnn_options(m01: dict, m02: dict):
+    """One row per way notebook 02 served the CNN through Triton's Python backend (same server, same client):
+    batch-1 p50, rows/s at every batch and at the best one, accuracy against PyTorch eager f32 (measured in
+    the process, which the served outputs equal), the speed-up against ``torch_eager_f32`` through Triton and
+    in the process, and the load time notebook 01 measured for the runtime (NaN where 01 has none).
+
+    ``m01`` and ``m02`` are the ``data`` of notebooks 01 and 02's saved measurements."""
+    import pandas as pd
+
+    served = pd.DataFrame.from_dict(m02["served"], orient="index")
+    direct = pd.DataFrame.from_dict(m02["direct"], orient="index")
+    batches = [int(b) for b in m02["batches"]]
+    frame = served[["p50_ms_b1", *[f"rows/s b={b}" for b in batches], "best_batch", "rows/s best"]].copy()
+    frame["best_batch"] = frame["best_batch"].astype(int)
+    frame["max_abs_diff"] = direct.loc[frame.index, "max_abs_diff"]
+    frame["top1_agree"] = direct.loc[frame.index, "top1_agree"]
+    base = "torch_eager_f32"
+    for b in batches:
+        frame[f"x b={b}"] = frame[f"rows/s b={b}"] / frame.loc[base, f"rows/s b={b}"]
+    frame["speedup_b1"] = frame.loc[base, "p50_ms_b1"] / frame["p50_ms_b1"]
+    frame["speedup_best"] = frame["rows/s best"] / frame.loc[base, "rows/s best"]
+    frame["direct_speedup_best"] = direct.loc[frame.index, "rows/s best"] / direct.loc[base, "rows/s best"]
+    runtime_of = {"torch_eager_f32": "torch_eager", "openvino_f32": "openvino", "ort_all": "onnxruntime"}
+    frame["load_s"] = [m01["table"].get(runtime_of.get(v, ""), {}).get("load_s", float("nan")) for v in frame.index]
+    return frame
+
+
+def noise_floor(m01: dict, m02: dict) -> float:
+    """The largest relative difference between two measurements of the same served model at batch 1: notebook
+    01's py_torch_eager / py_openvino against notebook 02's (same model, same settings, another server and
+    time). A speed-up smaller than this is not evidence."""
+    pairs = (("torch_eager", "torch_eager_f32"), ("openvino", "openvino_f32"))
+    gaps = []
+    for runtime, variant in pairs:
+        a, b = m01["table"][runtime]["p50_ms_triton"], m02["served"][variant]["p50_ms_b1"]
+        gaps.append(abs(a - b) / min(a, b))
+    return max(gaps)
+
+
+def llm_paths(m03: dict):
+    """Notebook 03's rows as a frame indexed by (path, concurrency)."""
+    import pandas as pd
+
+    columns = ["path", "concurrency", "in_flight", "completed", "output_throughput", "median_ttft_ms",
+               "p95_ttft_ms", "median_itl_ms", "median_e2e_ms"]
+    return pd.DataFrame(m03["rows"])[columns].set_index(["path", "concurrency"])
+
+
+def cnn_stops_paying(ratios: dict, paying: list, top1_agree: float) -> str:
+    """Where one way of serving the CNN stops paying, in words (the end of "it stops paying ..."): ``ratios`` is its rows/s over PyTorch eager's
+    through Triton at each batch, ``paying`` the batches where that counts as a speed-up, ``top1_agree`` the
+    share of test rows whose class it keeps."""
+    batches = sorted(ratios)
+    shown = ", ".join(f"b={b}: x{ratios[b]:.2f}" for b in batches)
+    accuracy = f"; it changes the class of {1 - top1_agree:.1%} of the test rows" if top1_agree < 1.0 else ""
+    if not paying:
+        return f"at every batch measured: it never beat the threshold ({shown}){accuracy}"
+    if list(paying) == batches:
+        return f"not within the batches measured: it paid at each ({shown}){accuracy}"
+    if list(paying) == [b for b in batches if b >= paying[0]]:
+        return f"below batch {paying[0]} ({shown}){accuracy}"
+    if list(paying) == [b for b in batches if b <= paying[-1]]:
+        return f"above batch {paying[-1]} ({shown}){accuracy}"
+    return f"outside batch {', '.join(map(str, paying))} ({shown}){accuracy}"
