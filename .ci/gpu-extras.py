@@ -27,7 +27,10 @@ import tarfile
 from pathlib import Path
 
 STAGE = Path(__file__).resolve().parents[2] / "shared" / "gpu" / "stage.py"
-WHEELS = ["locust>=2.40", "oteltest>=0.49", "onnx==1.23.2", "onnxruntime==1.32.0", "openvino==2026.4.1"]
+# nvidia-ml-py: the GPU image already has one (gpu-image-packages.txt); staging it pins the version the course's
+# GPU exporter (inference_course.gpu_metrics, Lab 2.5/02) was written against.
+WHEELS = ["locust>=2.40", "oteltest>=0.49", "onnx==1.23.2", "onnxruntime==1.32.0", "openvino==2026.4.1",
+          "nvidia-ml-py==13.615.71"]
 ALONE = ("openvino-",)  # wheels too big to share a part
 BINARIES = {"prometheus": "prometheus", "promtool": "promtool", "amtool": "amtool",
             "alertmanager": "prometheus-alertmanager"}  # name there -> Debian's name here

@@ -103,3 +103,24 @@ def test_bucket_quantile_agrees_with_promtool(tmp_path):
                                        "    input_series:\n" + series + "\n    promql_expr_test:\n" + "\n".join(cases) + "\n")
     result = monitoring.promtool("test", "rules", "test.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compare_with_nvidia_smi_verdicts():
+    """Made-up readings of one GPU: the exporter inside nvidia-smi's before/after range widened by the tolerance
+    agrees, outside it differs, and a GPU the exporter did not report is NaN and differs."""
+    smi = {"index": 0.0, "uuid": "GPU-a", "name": "NVIDIA H200", "memory.total": 143771.0}
+    before = [{**smi, "memory.used": 130_000.0, "utilization.gpu": 0.0, "power.draw": 120.0}]
+    after = [{**smi, "memory.used": 130_010.0, "utilization.gpu": 4.0, "power.draw": 126.0}]
+    labels = {"gpu": "0", "UUID": "GPU-a"}
+    page = {"DCGM_FI_DEV_FB_USED": [(labels, 130_004.0)], "DCGM_FI_DEV_GPU_UTIL": [(labels, 30.0)],
+            "DCGM_FI_DEV_POWER_USAGE": [(labels, 137.0)]}
+    table = H.compare_with_nvidia_smi(page, before, after).set_index("quantity")
+    assert table.loc["memory used (MiB)", "tolerance"] == pytest.approx(1437.71)
+    assert bool(table.loc["memory used (MiB)", "agrees"])
+    assert not bool(table.loc["utilization (%)", "agrees"])   # 30 is more than 20 points above 0..4
+    assert bool(table.loc["power (W)", "agrees"])             # 137 <= 126 + max(12.6, 10)
+    page["DCGM_FI_DEV_FB_USED"] = [(labels, 128_000.0)]       # 2,000 MiB below: more than 1% of 143,771 MiB
+    page["DCGM_FI_DEV_POWER_USAGE"] = [({"UUID": "GPU-other"}, 126.0)]
+    table = H.compare_with_nvidia_smi(page, before, after).set_index("quantity")
+    assert not bool(table.loc["memory used (MiB)", "agrees"])
+    assert math.isnan(table.loc["power (W)", "exporter"]) and not bool(table.loc["power (W)", "agrees"])

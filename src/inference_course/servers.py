@@ -395,3 +395,18 @@ def service_server(model: str, *, upstream: str | None = None, keys: dict[str, s
         service_env["COURSE_SERVICE_KEYS"] = ",".join(f"{tenant}:{key}" for tenant, key in keys.items())
     return ManagedServer("service", cmd, port=port, ready_path="/ready", env=service_env,
                          startup_timeout=profile.engine_start_timeout_s)
+
+
+def gpu_metrics_server(*, port: int | None = None, startup_timeout: float = 30.0) -> ManagedServer:
+    """The course's GPU exporter (``inference_course.gpu_metrics``): dcgm-exporter's metric names, units and
+    labels read from NVML, on ``/metrics``. Without NVML or a GPU it raises ServerError saying why (check
+    ``gpu_metrics.available()`` first where a machine without a GPU is expected)."""
+    from . import gpu_metrics
+
+    reason = gpu_metrics.unavailable_reason()
+    if reason:
+        raise ServerError(f"gpu_metrics: no GPU metrics to export here: {reason}")
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "inference_course.gpu_metrics", "--host", HOST, "--port", str(port)]
+    return ManagedServer("gpu-metrics", cmd, port=port, ready_path="/metrics", startup_timeout=startup_timeout,
+                         env={"PYTHONPATH": _package_root()})

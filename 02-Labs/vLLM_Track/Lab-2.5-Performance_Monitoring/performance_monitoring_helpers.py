@@ -9,7 +9,9 @@ receiver and the OTLP span sink come from the package (``inference_course.server
 * ``histogram``/``histogram_delta``: one histogram's cumulative buckets, and what a workload added to them;
 * ``bucket_quantile``: the quantile estimate Prometheus' ``histogram_quantile`` computes from buckets
   (linear interpolation inside the bucket that holds the rank); ``bucket_bounds``: the bucket it lies in,
-  i.e. how far off the estimate can be.
+  i.e. how far off the estimate can be;
+* ``GPU_JOB``, ``compare_with_nvidia_smi``: the scrape job of the GPU exporter (``inference_course.gpu_metrics``,
+  dcgm-exporter's names), and its reading set beside ``nvidia-smi``'s, with a verdict per quantity.
 """
 from __future__ import annotations
 
@@ -111,3 +113,37 @@ def bucket_bounds(q: float, buckets: Sequence[tuple[float, float]]) -> tuple[flo
         if count >= rank:
             return (0.0 if i == 0 else buckets[i - 1][0], le)
     return (buckets[-2][0], math.inf)
+
+
+GPU_JOB = "gpu-metrics"  # the Prometheus job of the GPU exporter (dcgm-exporter in production)
+# How far the exporter may be from nvidia-smi's readings taken just before and just after its scrape. Memory
+# used is a level: 1% of the GPU's memory. Utilization and power are averages over the driver's sample period,
+# read at slightly different moments: 20 percentage points, and the larger of 10% and 10 W.
+MEMORY_TOLERANCE = 0.01
+UTILIZATION_TOLERANCE = 20.0
+POWER_TOLERANCE = (0.10, 10.0)
+
+
+def compare_with_nvidia_smi(samples: dict, smi_before: list[dict], smi_after: list[dict]):
+    """The exporter's page (``scrape``: {name: [(labels, value)]}) beside two nvidia-smi readings taken just
+    before and after it (``gpu_metrics.nvidia_smi()``), one row per GPU and quantity: the exporter's value,
+    nvidia-smi's range, the tolerance and whether the exporter lies within the range widened by it."""
+    import pandas as pd
+
+    names = {"memory used (MiB)": ("DCGM_FI_DEV_FB_USED", "memory.used"),
+             "utilization (%)": ("DCGM_FI_DEV_GPU_UTIL", "utilization.gpu"),
+             "power (W)": ("DCGM_FI_DEV_POWER_USAGE", "power.draw")}
+    rows = []
+    for before, after in zip(smi_before, smi_after):
+        uuid = before["uuid"]
+        for quantity, (metric_name, field) in names.items():
+            mine = [v for labels, v in samples.get(metric_name, []) if labels.get("UUID") == uuid]
+            low, high = sorted((before[field], after[field]))
+            tolerance = {"memory used (MiB)": MEMORY_TOLERANCE * before["memory.total"],
+                         "utilization (%)": UTILIZATION_TOLERANCE,
+                         "power (W)": max(POWER_TOLERANCE[0] * high, POWER_TOLERANCE[1])}[quantity]
+            value = mine[0] if len(mine) == 1 else math.nan
+            rows.append({"gpu": int(before["index"]), "quantity": quantity, "exporter": value,
+                         "nvidia-smi before": before[field], "nvidia-smi after": after[field],
+                         "tolerance": tolerance, "agrees": bool(low - tolerance <= value <= high + tolerance)})
+    return pd.DataFrame(rows)
