@@ -5,6 +5,8 @@
 # copies go under /tmp/lanes, outside the repository, and the lanes run from a copy of the repository
 # in /tmp/lanes/repo (each device call copies the working tree anew, under any process still in it).
 #   bash .ci/gpu-lanes.sh start "FILTER FILTER" "FILTER" ...   lane i runs its filters in order on GPU i
+#   LANE_FIRST=1 bash .ci/gpu-lanes.sh start "FILTER"          a lane added later, on GPU 1, from its own copy
+#                                                              of the tree (the running lanes keep theirs)
 #   bash .ci/gpu-lanes.sh wait SECONDS                         wait for the lanes (at most SECONDS), then
 #                                                              copy executed notebooks, reports and logs to $OUT
 # FILTER: a substring of a solution notebook's path (python -m inference_course course --only).
@@ -20,12 +22,14 @@ case "${1:-}" in
     shift
     # The lanes run from a copy: every device call copies the working tree anew, and a process whose
     # working directory was replaced under it fails at its next os.getcwd() (transformers' import does one).
-    rm -rf "$LANES/repo" && mkdir -p "$LANES/repo"
-    tar -c --exclude=./.git --exclude='./.gpu*' --exclude=./.venv . | tar -x -C "$LANES/repo"
-    cd "$LANES/repo" || exit 1
+    first=${LANE_FIRST:-0}
+    repo="$LANES/repo$first"
+    rm -rf "$repo" && mkdir -p "$repo"
+    tar -c --exclude=./.git --exclude='./.gpu*' --exclude=./.venv . | tar -x -C "$repo"
+    cd "$repo" || exit 1
     export PYTHONPATH=/root/site:$PWD/src
     python3 -m inference_course model > "$LANES/model.log" 2>&1 || { tail -5 "$LANES/model.log"; exit 1; }
-    i=0
+    i=$first
     for lane in "$@"; do
       # shellcheck disable=SC2086  # the lane's filters are meant to split on spaces
       setsid nohup bash -c '
@@ -46,7 +50,7 @@ case "${1:-}" in
       sleep 10
     done
     for log in "$LANES"/lane*.log; do echo "== $log"; grep -E "^(ok |ERR)|LANE-DONE|Error|error" "$log" | tail -8; done
-    (cd "$LANES" && find . -path ./repo -prune -o -name '*.ipynb' -path '*Track*' -print | tar -cf "$OUT/executed.tar" -T -)
+    (cd "$LANES" && find . -path './repo*' -prune -o -name '*.ipynb' -path '*Track*' -print | tar -cf "$OUT/executed.tar" -T -)
     cat "$LANES"/*/REPORT.md > "$OUT/REPORT.md" 2>/dev/null
     cp "$LANES"/lane*.log "$OUT/" 2>/dev/null
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1

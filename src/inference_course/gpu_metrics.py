@@ -133,9 +133,10 @@ def read_samples(nvml, hostname: str | None = None) -> list[Sample]:
     memory = {}  # one memory reading per GPU and scrape: used and free from the same moment
 
     def mem(h):
-        if h not in memory:
-            memory[h] = _memory(nvml, h)
-        return memory[h]
+        key = id(h)  # NVML handles are ctypes pointers: not hashable, and the same object for one GPU's reads
+        if key not in memory:
+            memory[key] = _memory(nvml, h)
+        return memory[key]
 
     readers = {
         GPU_UTIL: lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu,                         # %

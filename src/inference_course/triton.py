@@ -187,7 +187,8 @@ class StreamResult:
 
 def stream_generate(grpc_url: str, model: str, input_ids, max_tokens: int | None = None,
                     on_token=None, timeout_s: float = 120.0) -> StreamResult:
-    """Send one generate request over a gRPC stream and collect the token responses as they arrive.
+    """Send one generate request over a gRPC stream and collect the token responses as they arrive (a
+    response may carry several tokens: each gets the response's arrival time).
 
     ``on_token(token_id, seconds_since_send)`` runs for each token (e.g. to print it live)."""
     import queue
@@ -207,12 +208,12 @@ def stream_generate(grpc_url: str, model: str, input_ids, max_tokens: int | None
             if error is not None:
                 raise RuntimeError(f"generate failed: {error}")
             response = result.get_response()
-            if response.outputs:
-                token = int(result.as_numpy("TOKEN_ID").reshape(-1)[0])
-                tokens.append(token)
-                times.append(t - t0)
-                if on_token:
-                    on_token(token, t - t0)
+            if response.outputs:  # one token (Lab 2.2's model) or several (vllm_course, when it lags the engine)
+                for token in result.as_numpy("TOKEN_ID").reshape(-1).tolist():
+                    tokens.append(int(token))
+                    times.append(t - t0)
+                    if on_token:
+                        on_token(int(token), t - t0)
             if response.parameters["triton_final_response"].bool_param:
                 break
         return StreamResult(tokens, times)

@@ -437,12 +437,14 @@ def write_vllm_model(repository, model_dir, engine_args: dict, *, name: str = "l
 
 def triton_stream_requests(grpc_url: str, model: str, prompts, *, concurrency: int, max_tokens: int,
                            ignore_eos: bool | None = None, timeout_s: float = 600.0):
-    """Send every prompt (a list of token ids) once to a decoupled Triton model that streams one TOKEN_ID per
-    response, at most ``concurrency`` in flight: ``concurrency`` workers, each with its own gRPC stream, take
-    the next prompt as soon as their previous request ended (a closed loop, as ``bench.run`` keeps
-    ``concurrency`` requests in flight). Returns ``(results, duration_s)``: one ``bench.RequestResult`` per
-    prompt (TTFT = first token response, ITL = the gaps between token responses, latency = the final
-    response) and the wall time of the whole run."""
+    """Send every prompt (a list of token ids) once to a decoupled Triton model that streams TOKEN_ID responses
+    (one token each, or several when the model sends what the engine made since its last response), at most
+    ``concurrency`` in flight: ``concurrency`` workers, each with its own gRPC stream, take the next prompt as
+    soon as their previous request ended (a closed loop, as ``bench.run`` keeps ``concurrency`` requests in
+    flight). Returns ``(results, duration_s)``: one ``bench.RequestResult`` per prompt (TTFT = the first
+    response with tokens, ITL = the gaps between responses with tokens, as ``vllm bench serve`` counts the
+    gaps between stream chunks; output tokens = the tokens in them; latency = the final response) and the
+    wall time of the whole run."""
     import tritonclient.grpc as grpcclient
 
     from inference_course.bench import RequestResult
@@ -468,7 +470,7 @@ def triton_stream_requests(grpc_url: str, model: str, prompts, *, concurrency: i
             except queue.Empty:
                 return
             sent = time.perf_counter()
-            times, error = [], None
+            times, n_tokens, error = [], 0, None
             try:
                 client.async_stream_infer(model, triton.stream_inputs(prompts[index], max_tokens, ignore_eos),
                                           request_id=str(index), enable_empty_final_response=True)
@@ -480,6 +482,7 @@ def triton_stream_requests(grpc_url: str, model: str, prompts, *, concurrency: i
                     response = result.get_response()
                     if response.outputs:
                         times.append(now)
+                        n_tokens += result.as_numpy("TOKEN_ID").size
                     if response.parameters["triton_final_response"].bool_param:
                         break
             except queue.Empty:
@@ -487,7 +490,7 @@ def triton_stream_requests(grpc_url: str, model: str, prompts, *, concurrency: i
             end = time.perf_counter()
             ok = error is None and bool(times)
             results[index] = RequestResult(
-                ok=ok, prompt_tokens=len(prompts[index]), output_tokens=len(times), start=sent - t0,
+                ok=ok, prompt_tokens=len(prompts[index]), output_tokens=n_tokens, start=sent - t0,
                 ttft=(times[0] - sent) if times else None, latency=end - sent,
                 itl=[b - a for a, b in zip(times, times[1:])], error=error if not ok else None)
 

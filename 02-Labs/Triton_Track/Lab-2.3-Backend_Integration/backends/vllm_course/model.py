@@ -10,8 +10,9 @@ but not in code). What it does, part by part:
 2. ``initialize``: one vLLM ``AsyncLLM`` (the engine ``vllm serve`` runs) per model instance, on an asyncio
    event loop in a thread of its own. The engine core runs in a process vLLM spawns, as under ``vllm serve``.
 3. ``execute``: Triton hands over a batch of requests and gets nothing back; each request becomes a
-   coroutine on the loop, which streams one response per generated token through the request's
-   response sender (decoupled mode) and ends with the FINAL flag. Triton's dynamic batcher has nothing to
+   coroutine on the loop, which streams the generated tokens through the request's response sender
+   (decoupled mode): one response per engine output, that is one token per step while the sends keep up and
+   several once they lag, and ends with the FINAL flag. Triton's dynamic batcher has nothing to
    do: vLLM's own scheduler batches every request in flight (continuous batching).
 4. ``finalize``: the engine is shut down and the loop stopped when Triton unloads the model.
 
@@ -44,7 +45,7 @@ INPUTS = [
     {"name": "TEMPERATURE", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
     {"name": "IGNORE_EOS", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
 ]
-OUTPUTS = [{"name": "TOKEN_ID", "data_type": "TYPE_INT64", "dims": [1]}]
+OUTPUTS = [{"name": "TOKEN_ID", "data_type": "TYPE_INT64", "dims": [-1]}]
 
 
 class TritonPythonModel:
@@ -66,7 +67,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException(
-                "vllm_course streams one response per token: set model_transaction_policy { decoupled: true }")
+                "vllm_course streams its tokens as they are made: set model_transaction_policy { decoupled: true }")
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         if "model_dir" not in params:
             raise pb_utils.TritonModelException('vllm_course needs a parameter "model_dir" (a model folder)')
@@ -125,8 +126,12 @@ class TritonPythonModel:
                 if request.is_cancelled():  # the client went away: free the engine's slot at once
                     await self.engine.abort(request_id)
                     break
-                for token in output.outputs[0].token_ids:
-                    tensor = torch.tensor([token], dtype=torch.int64)
+                # Every token the engine made since this request's last response, in one response: one token
+                # per engine step while the sends keep up; when they fall behind (each send is a blocking hop
+                # to the server through shared memory), vLLM merges the deltas, and one send carries several.
+                tokens = output.outputs[0].token_ids
+                if tokens:
+                    tensor = torch.tensor(list(tokens), dtype=torch.int64)
                     sender.send(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("TOKEN_ID", to_dlpack(tensor))]))
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as exc:  # the client sees the reason; the stream is closed
