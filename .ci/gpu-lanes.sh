@@ -51,6 +51,8 @@ case "${1:-}" in
     done
     for log in "$LANES"/lane*.log; do echo "== $log"; grep -E "^(ok |ERR)|LANE-DONE|Error|error" "$log" | tail -8; done
     (cd "$LANES" && find . -path './repo*' -prune -o -name '*.ipynb' -path '*Track*' -print | tar -cf "$OUT/executed.tar" -T -)
+    # what notebooks handed to later ones (e.g. Triton Lab 2.3's .measurements/), to re-run a reader here
+    (cd "$LANES" && find repo* -path '*/.measurements/*.json' -print | tar -cf "$OUT/measurements.tar" -T -) 2>/dev/null
     cat "$LANES"/*/REPORT.md > "$OUT/REPORT.md" 2>/dev/null
     cp "$LANES"/lane*.log "$OUT/" 2>/dev/null
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1

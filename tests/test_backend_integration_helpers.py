@@ -338,6 +338,9 @@ def test_noise_floor_is_the_largest_gap_between_the_two_notebooks():
     m02["served"]["openvino_f32"] = dict(m02["served"]["torch_eager_f32"], p50_ms_b1=1.0)
     assert H.noise_floor(_m01(eager_b1=1.1, openvino_b1=0.8), m02) == pytest.approx(0.25)  # 0.8 vs 1.0
     assert H.noise_floor(_m01(eager_b1=1.0, openvino_b1=1.0), m02) == pytest.approx(0.0)
+    on_gpu = dict(_m01(eager_b1=3.0, openvino_b1=1.0), kind="KIND_GPU")  # 01 served eager on the GPU: not a pair
+    assert H.noise_floor(on_gpu, m02) == pytest.approx(0.0)
+    assert H.noise_floor(dict(on_gpu, kind="KIND_CPU"), m02) == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("ratios, paying, top1, expected", [

@@ -557,8 +557,12 @@ def cnn_options(m01: dict, m02: dict):
 def noise_floor(m01: dict, m02: dict) -> float:
     """The largest relative difference between two measurements of the same served model at batch 1: notebook
     01's py_torch_eager / py_openvino against notebook 02's (same model, same settings, another server and
-    time). A speed-up smaller than this is not evidence."""
-    pairs = (("torch_eager", "torch_eager_f32"), ("openvino", "openvino_f32"))
+    time). A speed-up smaller than this is not evidence. Notebook 02 serves every model on the CPU; 01 serves
+    PyTorch eager on the profile's device (``m01["kind"]``), so that pair counts only when 01 used the CPU too.
+    OpenVINO runs on the CPU in both."""
+    pairs = [("openvino", "openvino_f32")]
+    if m01.get("kind", "KIND_CPU") == "KIND_CPU":
+        pairs.insert(0, ("torch_eager", "torch_eager_f32"))
     gaps = []
     for runtime, variant in pairs:
         a, b = m01["table"][runtime]["p50_ms_triton"], m02["served"][variant]["p50_ms_b1"]
