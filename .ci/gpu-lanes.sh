@@ -25,7 +25,8 @@ case "${1:-}" in
     first=${LANE_FIRST:-0}
     repo="$LANES/repo$first"
     rm -rf "$repo" && mkdir -p "$repo"
-    tar -c --exclude=./.git --exclude='./.gpu*' --exclude=./.venv . | tar -x -C "$repo"
+    # .measurements/ (what a notebook hands to a later one) is left behind: a lane reads only its own run's
+    tar -c --exclude=./.git --exclude='./.gpu*' --exclude=./.venv --exclude='*/.measurements' . | tar -x -C "$repo"
     cd "$repo" || exit 1
     export PYTHONPATH=/root/site:$PWD/src
     python3 -m inference_course model > "$LANES/model.log" 2>&1 || { tail -5 "$LANES/model.log"; exit 1; }

@@ -144,8 +144,9 @@ def test_measurements_round_trip_and_refuse_another_profile(tmp_path, monkeypatc
     assert record["profile"] == "cpu" and record["data"] == {"rate": 2.5, "rows": {"a": [3, 1.0]}}
     with pytest.raises(ValueError, match="'cpu' profile.*run notebook 01-First.ipynb again"):
         notebooks.load_measurements(["01"], lab=lab, profile="gpu")
-    with pytest.raises(FileNotFoundError, match="run notebook 02-\\*.ipynb of Lab-9.9-Example first"):
-        notebooks.load_measurements(["01", "02"], lab=lab)
+    with pytest.raises(FileNotFoundError, match="no measurements of 02-\\*.ipynb, 03-\\*.ipynb in .*run them first"):
+        notebooks.load_measurements(["01", "02", "03"], lab=lab)
     with pytest.raises(TypeError, match="convert it before saving"):
         notebooks.save_measurements("03", {"frame": object()}, lab=lab)
     assert not (lab / ".measurements" / "03.json").exists()
+    assert [p.name for p in (lab / ".measurements").iterdir()] == ["01.json"]  # no temporary file left behind

@@ -184,9 +184,11 @@ def save_measurements(name: str, data: dict, lab: str | os.PathLike | None = Non
     path = folder / MEASUREMENTS_DIR / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
     text = json.dumps(record, indent=1, default=_jsonable, allow_nan=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)  # a reader never sees half a file
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(text + "\n")
+    Path(tmp.name).replace(path)  # a reader never sees half a file, and two writers never share a temporary one
     return path
 
 
@@ -199,14 +201,21 @@ def load_measurements(names, lab: str | os.PathLike | None = None, profile: str 
     if folder is None:
         raise RuntimeError("load_measurements: no Lab-* folder above the working directory; pass lab=")
     profile = profile or get_profile().name
+
+    def notebook(name):
+        found = sorted(p.name for p in (folder / "solutions").glob(f"{name}-*.ipynb"))
+        return found[0] if found else f"{name}-*.ipynb"
+
+    missing = [name for name in names if not (folder / MEASUREMENTS_DIR / f"{name}.json").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"no measurements of {', '.join(notebook(n) for n in missing)} in {folder / MEASUREMENTS_DIR}: run "
+            f"{'it' if len(missing) == 1 else 'them'} first, on the {profile} profile and to the end (each writes "
+            "its file in its last cells; one that stops at an exercise never gets there)")
     records = {}
     for name in names:
         path = folder / MEASUREMENTS_DIR / f"{name}.json"
-        notebooks = sorted(p.name for p in (folder / "solutions").glob(f"{name}-*.ipynb")) or [f"{name}-*.ipynb"]
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} does not exist: run notebook {notebooks[0]} of {folder.name} first, on the {profile} "
-                "profile; it writes this file in its last cells")
+        notebooks = [notebook(name)]
         record = json.loads(path.read_text())
         if record.get("profile") != profile:
             raise ValueError(

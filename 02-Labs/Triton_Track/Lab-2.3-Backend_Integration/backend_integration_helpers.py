@@ -529,8 +529,9 @@ def triton_metrics(metrics_text: str, model: str) -> dict[str, float]:
 
 def cnn_options(m01: dict, m02: dict):
     """One row per way notebook 02 served the CNN through Triton's Python backend (same server, same client):
-    batch-1 p50, rows/s at every batch and at the best one, accuracy against PyTorch eager f32 (measured in
-    the process, which the served outputs equal), the speed-up against ``torch_eager_f32`` through Triton and
+    batch-1 p50, rows/s at every batch and at the best one, accuracy against PyTorch eager f32 on the CPU
+    (measured in the process, whose outputs 02 checks the served ones against; on the gpu profile the
+    in-process ``torch_eager_f32`` ran on the GPU), the speed-up against ``torch_eager_f32`` through Triton and
     in the process, and the load time notebook 01 measured for the runtime (NaN where 01 has none).
 
     ``m01`` and ``m02`` are the ``data`` of notebooks 01 and 02's saved measurements."""
@@ -575,7 +576,7 @@ def llm_paths(m03: dict):
     import pandas as pd
 
     columns = ["path", "concurrency", "in_flight", "completed", "output_throughput", "median_ttft_ms",
-               "p95_ttft_ms", "median_itl_ms", "median_e2e_ms"]
+               "p95_ttft_ms", "median_itl_ms", "median_tpot_ms", "median_e2e_ms"]
     return pd.DataFrame(m03["rows"])[columns].set_index(["path", "concurrency"])
 
 

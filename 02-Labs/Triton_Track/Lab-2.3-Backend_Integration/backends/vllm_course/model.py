@@ -134,9 +134,13 @@ class TritonPythonModel:
                     tensor = torch.tensor(list(tokens), dtype=torch.int64)
                     sender.send(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("TOKEN_ID", to_dlpack(tensor))]))
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as exc:  # the client sees the reason; the stream is closed
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vllm_course: {exc}")),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as exc:  # the engine request is freed; the client sees the reason and the stream is closed
+            await self.engine.abort(request_id)
+            try:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vllm_course: {exc}")),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as closed:  # noqa: BLE001 - the client left: nobody to tell
+                self.logger.log_warn(f"vllm_course: request {request_id} failed ({exc}); its sender is gone ({closed})")
         finally:
             with self.lock:
                 self.in_flight -= 1
