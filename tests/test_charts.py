@@ -185,7 +185,7 @@ def test_grace_period_too_short_is_caught():
 def test_startup_budget_too_small_is_caught():
     objects = render(set_values={"probes.startup.failureThreshold": 10})  # 10 x 5 s = 50 s
     (problem,) = charts.startup_problems(objects)
-    assert "startupProbe budget 50 s < 1.5 x measured cold start 122 s" in problem
+    assert "startupProbe budget 50 s < 1.5 x planned cold start (chart annotation) 122 s" in problem
     # Against a given measurement instead of the chart's annotation.
     assert charts.startup_problems(render(), cold_start_s=37) == []
     assert charts.startup_problems(render(), cold_start_s=150)

@@ -465,12 +465,15 @@ def startup_budget(container: Mapping[str, Any]) -> float:
 
 
 def startup_problems(objects: Objects, cold_start_s: float | None = None, factor: float = COLD_START_FACTOR) -> list[str]:
-    """The startupProbe's budget >= factor x the measured cold start. ``cold_start_s`` None: the measurement
-    the chart carries in its annotation (values.yaml probes.startup.measuredColdStartSeconds)."""
+    """The startupProbe's budget >= factor x the cold start. ``cold_start_s``: one measured in this run; None:
+    the value the chart was sized from, in its annotation (values.yaml probes.startup.measuredColdStartSeconds,
+    measured once when the chart was written: a planning number, not this run's)."""
     problems = []
     for w in _workloads(objects):
         measured = cold_start_s
+        source = "measured cold start"
         if measured is None:
+            source = "planned cold start (chart annotation)"
             annotation = (w.get("metadata", {}).get("annotations") or {}).get(COLD_START_ANNOTATION)
             if annotation is None:
                 problems.append(f"{name_of(w)}: no measured cold start (annotation {COLD_START_ANNOTATION})")
@@ -480,7 +483,7 @@ def startup_problems(objects: Objects, cold_start_s: float | None = None, factor
             budget = startup_budget(c)
             if budget < factor * measured:
                 problems.append(f"{name_of(w)} container {c['name']}: startupProbe budget {budget:g} s < "
-                                f"{factor:g} x measured cold start {measured:g} s = {factor * measured:g} s")
+                                f"{factor:g} x {source} {measured:g} s = {factor * measured:g} s")
     return problems
 
 
