@@ -355,3 +355,59 @@ def test_cnn_stops_paying_names_each_shape(ratios, paying, top1, expected):
     text = H.cnn_stops_paying(ratios, paying, top1)
     assert expected in text
     assert ("changes the class" in text) == (top1 < 1.0)
+
+
+# -- the stream clients on a model that sends several tokens per response (as vllm_course does when it lags) --
+
+CHUNKS_CONFIG = """backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [
+  { name: "INPUT_IDS" data_type: TYPE_INT64 dims: [ -1 ] },
+  { name: "MAX_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "IGNORE_EOS" data_type: TYPE_BOOL dims: [ 1 ] optional: true }
+]
+output [ { name: "TOKEN_ID" data_type: TYPE_INT64 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+# Answers every request with the prompt's ids in chunks of 1, 2, 3, ... tokens (one response each), then FINAL.
+CHUNKS_MODEL = """import time
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            ids = from_dlpack(pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").to_dlpack()).reshape(-1).tolist()
+            start, size = 0, 1
+            while start < len(ids):
+                time.sleep(0.02)
+                chunk = torch.tensor(ids[start:start + size], dtype=torch.int64)
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("TOKEN_ID", to_dlpack(chunk))]))
+                start, size = start + size, size + 1
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
+
+
+@needs_triton
+def test_stream_clients_count_every_token_of_a_multi_token_response(tmp_path):
+    (tmp_path / "chunks" / "1").mkdir(parents=True)
+    (tmp_path / "chunks" / "config.pbtxt").write_text(CHUNKS_CONFIG)
+    (tmp_path / "chunks" / "1" / "model.py").write_text(CHUNKS_MODEL)
+    prompt = list(range(100, 110))  # 10 ids: responses of 1, 2, 3 and 4 tokens
+    with triton.triton_server(tmp_path, exit_timeout_s=2) as server:
+        result = triton.stream_generate(triton.grpc_url(server), "chunks", prompt)
+        assert result.token_ids == prompt
+        assert len(set(result.arrival_s)) == 4  # tokens of one response share its arrival time
+        results, duration = H.triton_stream_requests(triton.grpc_url(server), "chunks", [prompt, prompt[:3]],
+                                                     concurrency=2, max_tokens=10)
+    first, second = results
+    assert first.ok and first.output_tokens == 10 and len(first.itl) == 3  # 4 responses: 3 gaps
+    assert second.ok and second.output_tokens == 3 and len(second.itl) == 1  # responses of 1 and 2 tokens
+    assert 0 < first.ttft < first.latency <= duration
+    assert all(gap > 0.01 for gap in first.itl)  # the model sleeps 20 ms before each response
