@@ -164,6 +164,13 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not a number, string, list or dict: convert it before saving")
 
 
+def _lab_folder(lab, caller: str) -> Path:
+    folder = Path(lab) if lab else find_lab_dir()
+    if folder is None:
+        raise RuntimeError(f"{caller}: no Lab-* folder above the working directory; pass lab=")
+    return folder
+
+
 def save_measurements(name: str, data: dict, lab: str | os.PathLike | None = None) -> Path:
     """Write this run's measurements for a later notebook of the same lab (a summary that compares them).
 
@@ -174,9 +181,7 @@ def save_measurements(name: str, data: dict, lab: str | os.PathLike | None = Non
 
     from .profiles import get_profile
 
-    folder = Path(lab) if lab else find_lab_dir()
-    if folder is None:
-        raise RuntimeError("save_measurements: no Lab-* folder above the working directory; pass lab=")
+    folder = _lab_folder(lab, "save_measurements")
     profile = get_profile()
     record = {"notebook": name, "profile": profile.name, "device": profile.device,
               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -197,9 +202,7 @@ def load_measurements(names, lab: str | os.PathLike | None = None, profile: str 
     the active one). A missing file or one from another profile raises with the notebook to run."""
     from .profiles import get_profile
 
-    folder = Path(lab) if lab else find_lab_dir()
-    if folder is None:
-        raise RuntimeError("load_measurements: no Lab-* folder above the working directory; pass lab=")
+    folder = _lab_folder(lab, "load_measurements")
     profile = profile or get_profile().name
 
     def notebook(name):
@@ -215,12 +218,11 @@ def load_measurements(names, lab: str | os.PathLike | None = None, profile: str 
     records = {}
     for name in names:
         path = folder / MEASUREMENTS_DIR / f"{name}.json"
-        notebooks = [notebook(name)]
         record = json.loads(path.read_text())
         if record.get("profile") != profile:
             raise ValueError(
                 f"{path} holds measurements of the {record.get('profile')!r} profile (written "
-                f"{record.get('written')}), this run is {profile!r}: run notebook {notebooks[0]} again on this profile")
+                f"{record.get('written')}), this run is {profile!r}: run notebook {notebook(name)} again on this profile")
         records[name] = record
     return records
 
