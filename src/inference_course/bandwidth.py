@@ -23,18 +23,12 @@ BOUND_MAX = 2.0      # up to here the weight read is at least half of the token'
 OVERHEAD_MIN = 10.0  # from here the weight read is under a tenth of it
 
 
-DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
-
-
 def weight_bytes(config: dict, dtype: str) -> int:
     """Bytes of a Llama/Qwen2-style decoder's weights in ``dtype`` (as the engine's ``dtype`` argument names
     it), from its config: what one decode step reads (the embedding table, when tied, is also the LM head)."""
-    from inference_course.models import parameter_count
+    from inference_course.models import dtype_bytes, parameter_count
 
-    name = str(dtype).replace("torch.", "")
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"weight_bytes: unknown dtype {dtype!r}; known: {', '.join(sorted(DTYPE_BYTES))}")
-    return parameter_count(config) * DTYPE_BYTES[name]
+    return parameter_count(config) * dtype_bytes(dtype)
 
 
 def copy_bandwidth(device: str = "cpu", nbytes: int | None = None, repeats: int = 5) -> float:

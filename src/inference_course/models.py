@@ -271,6 +271,18 @@ def shape_dir(shape: str, tokenizer_from: str | None = None) -> Path:
     return out
 
 
+DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1,
+               "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element of a dtype given as a string ("bfloat16") or a ``torch.dtype``."""
+    name = str(dtype).removeprefix("torch.").lower()
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(sorted(DTYPE_BYTES))}")
+    return DTYPE_BYTES[name]
+
+
 def parameter_count(config: dict) -> int:
     """Parameters of a Llama/Qwen2-style decoder from its config (embeddings included once if tied)."""
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]

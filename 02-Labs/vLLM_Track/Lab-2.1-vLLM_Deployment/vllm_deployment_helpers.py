@@ -32,19 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inference_course import bench
-
-DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1,
-               "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
+from inference_course.models import dtype_bytes  # noqa: F401  (the notebooks call H.dtype_bytes)
 
 
 # -- KV-cache arithmetic ----------------------------------------------------------------------------
-
-def dtype_bytes(dtype) -> int:
-    """Bytes per element of a dtype given as a string ("bfloat16") or a ``torch.dtype``."""
-    name = str(dtype).removeprefix("torch.").lower()
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(sorted(DTYPE_BYTES))}")
-    return DTYPE_BYTES[name]
 
 
 def load_config(model) -> dict:
