@@ -36,6 +36,10 @@ def test_weight_read_check_verdict_follows_the_ratio(ratio, verdict):
     assert check["read_s"] == pytest.approx(0.5e-3)
     assert check["verdict"] == verdict
     assert f"{ratio:.2f}x one weight read" in check["text"]
+    if verdict == "in between":  # the weight read's share is printed, not called "sizeable"
+        assert f"reading the weights is {1 / ratio:.0%} of each step" in check["text"]
+    if verdict in ("faster than the copy rate", "bandwidth-bound"):  # the advice says when it holds
+        assert "if the kernels read them in that small form" in check["text"]
 
 
 def test_weight_read_check_refuses_non_positive_numbers():

@@ -81,23 +81,26 @@ def weight_read_check(weight_bytes: float, seconds_per_token: float, bandwidth: 
     head = (f"{label}: one token took {seconds_per_token * 1e3:.3g} ms; reading the weights once "
             f"({weight_bytes / 2**30:.3g} GiB) at this run's measured copy rate ({bandwidth / 1e9:,.1f} GB/s) "
             f"takes {read_s * 1e3:.3g} ms: the token took {ratio:.2f}x one weight read")
+    share = 1 / ratio  # the weight read's share of one token's time
+    smaller = ("weights stored in fewer bytes (quantization) would make it faster, if the kernels read them in "
+               "that small form (a kernel that widens them back to 16 bit first reads as many bytes as before)")
     if ratio < 1:
         verdict = "faster than the copy rate"
         why = ("faster than one weight read at the copy rate: the engine streams its weights faster than a copy "
                "(a copy also writes; caches can hold part of a small model), so this step runs as fast as memory "
-               "allows: memory-bandwidth bound, and smaller weights (quantization) would make it faster")
+               f"allows: memory-bandwidth bound; {smaller}")
     elif ratio <= BOUND_MAX:
         verdict = "bandwidth-bound"
-        why = (f"within {BOUND_MAX:g}x of one weight read: reading the weights is most of each step, so the step "
-               "is memory-bandwidth bound, and smaller weights (quantization) would make it faster")
+        why = (f"within {BOUND_MAX:g}x of one weight read: reading the weights is {share:.0%} of each step, so the "
+               f"step is memory-bandwidth bound; {smaller}")
     elif ratio < OVERHEAD_MIN:
         verdict = "in between"
-        why = (f"between {BOUND_MAX:g}x and {OVERHEAD_MIN:g}x one weight read: the weight read is a sizeable share "
-               "of each step, but most of the time goes elsewhere (per-step overhead: scheduling, kernel "
-               "launches, Python; or compute)")
+        why = (f"between {BOUND_MAX:g}x and {OVERHEAD_MIN:g}x one weight read: reading the weights is {share:.0%} of "
+               f"each step and the other {1 - share:.0%} goes elsewhere (per-step overhead: scheduling, kernel "
+               f"launches, Python; or compute); smaller weights could shorten at most that {share:.0%}")
     else:
         verdict = "overhead-bound"
-        why = (f"over {OVERHEAD_MIN:g}x one weight read: the weight read is under a tenth of each step, so the "
+        why = (f"over {OVERHEAD_MIN:g}x one weight read: reading the weights is {share:.1%} of each step, so the "
                "step is not memory-bandwidth bound but bound by per-step overhead (scheduling, kernel launches, "
                "Python) or compute; smaller weights would barely change it")
     return {"label": label, "weight_bytes": weight_bytes, "seconds_per_token": seconds_per_token,
