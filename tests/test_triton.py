@@ -1,4 +1,5 @@
 import os
+import time
 import urllib.request
 
 import numpy as np
@@ -67,13 +68,27 @@ def test_metrics_endpoint_parses_and_counts_requests(server):
 
     import tritonclient.http as httpclient
 
-    before = successes()
+    # The requests of earlier tests may still be uncounted: read the count once it holds still.
+    before, deadline = successes(), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = successes()
+        if again == before:
+            break
+        before = again
     assert before is not None
     client = httpclient.InferenceServerClient(triton.http_url(server))
     inp = httpclient.InferInput("INPUT0", [1, 2], "FP32")
     inp.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
     client.infer("doubler", [inp])
-    assert successes() == before + 1
+    # Triton counts a request just after answering it: a scrape right after the answer can miss it (a CI
+    # run on 2026-11-30 did). Wait (at most 10 s) for the count to move, then check it moved by exactly one.
+    deadline = time.monotonic() + 10
+    after = successes()
+    while after == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = successes()
+    assert after == before + 1, (before, after)
 
 
 def test_broken_config_fails_with_the_servers_reason(tmp_path):
