@@ -412,7 +412,30 @@ def test_invalid_bodies_are_clear_4xx_errors(make_client):
     assert code == 400 and error["param"] == "max_tokens"
     code, error = post({**CHAT, "model": "other"})
     assert code == 404 and error["code"] == "model_not_found"
-    assert client.backend.seen == [], "an invalid request reached the backend"
+    # Half a surrogate pair, escaped in JSON: not Unicode text (the tokenizer raised a TypeError, a 500)
+    lone = b'"a \\ud800 b"'
+    for path, raw, param in (
+            ("/v1/completions", b'{"model": "smollm2", "prompt": ' + lone + b'}', "prompt"),
+            ("/v1/chat/completions", b'{"model": "smollm2", "messages": [{"role": "user", "content": ' + lone + b'}]}',
+             "messages.0.content"),
+            ("/v1/chat/completions", b'{"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "text", '
+                                     b'"text": ' + lone + b'}]}]}', "messages.0.content"),
+            ("/v1/chat/completions", b'{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], '
+                                     b'"stop": [' + lone + b']}', "stop"),
+            ("/v1/completions", b'{"model": ' + lone + b', "prompt": "Hi"}', "model")):
+        code, error = post(None, path, raw)
+        # our validator names the surrogate; where a length limit applies, pydantic's own check answers first
+        said = "surrogate" in error["message"] or "unable to parse raw data as a unicode string" in error["message"]
+        assert code == 422 and said and error["param"].startswith(param), (path, error)
+    code, error = post(None, "/v1/completions", b'{"model": "smollm2", "prompt": "Hi", "stop": ' + lone + b'}')
+    assert code == 422 and "unicode string" in error["message"] and error["param"].startswith("stop"), error
+    code, error = post({"model": "smollm2", "prompt": ""}, "/v1/completions")
+    assert code == 422 and "at least 1 character" in error["message"], error
+    # a complete pair (an emoji) is text
+    pair = client.post("/v1/completions", headers={**ALPHA, "content-type": "application/json"},
+                       content=b'{"model": "smollm2", "prompt": "\\ud83d\\ude42", "max_tokens": 2}')
+    assert pair.status_code == 200, pair.text
+    assert len(client.backend.seen) == 1, "an invalid request reached the backend"
 
 
 def test_a_body_over_the_limit_is_413_with_or_without_content_length(make_client):
@@ -697,3 +720,29 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(served_app):
         assert statuses.get((route, "positive", 200), 0) >= 10, statuses
         assert statuses.get((route, "negative", 422), 0) >= 10, statuses
     assert app.state.service.admission.in_flight == 0
+
+
+def test_a_chat_template_refusal_is_a_400_and_an_unknown_model_is_refused_before_tokenizing(make_client):
+    from jinja2 import TemplateError
+
+    client = make_client()
+    tokenizer = client.service.tokenizer
+
+    def refuse(messages):
+        raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    tokenizer._encode_chat = refuse
+    answer = client.post("/v1/chat/completions", headers=ALPHA, json=CHAT)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "messages" and "roles must alternate" in error["message"]
+
+    def fail(*args):
+        raise AssertionError("tokenized a request for a model this server does not serve")
+
+    tokenizer._encode = fail
+    for path, body in (("/v1/chat/completions", {**CHAT, "model": "other"}),
+                       ("/v1/completions", {"model": "other", "prompt": "Hi"})):
+        answer = client.post(path, headers=ALPHA, json=body)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found", answer.text
+    assert client.backend.seen == []

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictStr
 
 # Bounds of the OpenAI API (temperature 0..2, top_p (0, 1], penalties -2..2, at most 4 stop sequences).
 # A strict float takes JSON integers too (2 -> 2.0) but no strings or booleans; the bounds sit on the
@@ -41,10 +41,24 @@ def _int(**bounds):
     return Annotated[int, Field(strict=True, **bounds), BeforeValidator(_integral)]
 
 
+def _unicode(value: str) -> str:
+    """JSON may escape half of a UTF-16 surrogate pair alone ("\\ud800"); Python then holds a string that is
+    not Unicode text, which the tokenizer refuses with a TypeError (a 500). Refuse it here, as a 422."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone UTF-16 surrogate ({value[exc.start]!a} at position {exc.start}), which "
+                         "is not Unicode text: send the character as a complete surrogate pair, or remove it") from None
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
+# The length constraint before the validator: pydantic then keeps its string error ("at least 1 character").
+NonEmptyText = Annotated[StrictStr, Field(min_length=1), AfterValidator(_unicode)]
 PositiveInt = _int(ge=1)
 TokenId = _int()
 # vLLM refuses an empty stop string (it would match everywhere).
-StopString = Annotated[StrictStr, Field(min_length=1)]
+StopString = NonEmptyText
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 # The engine's transport (MessagePack) carries 64-bit integers only (vLLM's server takes that range), but
 # a JSON reader with doubles (JavaScript, JSON Schema validators) cannot tell 2**63 - 1 from 2**63:
@@ -56,13 +70,13 @@ Seed = _int(ge=-JSON_SAFE_INT, le=JSON_SAFE_INT)
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)]
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -76,7 +90,7 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     # Unknown fields are ignored, as the OpenAI API does (clients send fields a server may not know).
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr
+    model: Text
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: _int(ge=1, le=1, description="only n=1 is served") = 1
@@ -103,7 +117,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+    prompt: NonEmptyText | Annotated[list[TokenId], Field(min_length=1)]
     max_tokens: PositiveInt = 16  # the OpenAI default for completions
 
     def requested_tokens(self) -> int | None:
