@@ -205,9 +205,12 @@ def test_ttft_agreement_accepts_a_gap_within_the_tools_own_spread_and_nothing_mo
 def test_course_driver_agrees_with_vllm_bench_serve_on_a_real_server():
     from inference_course import servers
     from inference_course.models import resolve_model
+    from inference_course.profiles import get_profile
 
     model = resolve_model()
-    with servers.vllm_server(model, served_name="course-model") as server:
+    # a fixed 1 GiB KV cache: allocated seconds faster than the cpu profile's auto-sized one; the load needs far less
+    kv = dict(kv_cache_memory_bytes=2**30) if get_profile().name == "cpu" else {}
+    with servers.vllm_server(model, served_name="course-model", **kv) as server:
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
                "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
         proc = servers.run_isolated(
