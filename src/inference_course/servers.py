@@ -363,6 +363,41 @@ def alertmanager_server(config_file: str | os.PathLike, *, port: int | None = No
     return ManagedServer("alertmanager", cmd, port=port, ready_path="/-/ready", startup_timeout=startup_timeout)
 
 
+ROUTER_POLICIES = ("round_robin", "random", "power_of_two", "consistent_hash", "cache_aware", "kv_aware",
+                   "sticky_least_loaded")
+
+
+def vllm_router(worker_urls: Sequence[str], *, policy: str = "round_robin", port: int | None = None,
+                metrics_port: int | None = None, health_check_interval_s: int = 1, extra_args: Sequence[str] = (),
+                startup_timeout: float = 60.0) -> ManagedServer:
+    """The vLLM project's router (PyPI ``vllm-router``: a Rust router behind a Python launcher) in front of
+    OpenAI-compatible workers (``vllm serve``, the course's service), with ``policy`` choosing the worker.
+
+    Its Prometheus endpoint (``vllm_router_*``: decisions per worker, circuit-breaker state, worker health)
+    gets a free port (the router's own default, 29000, would make two routers collide): ``ports["metrics"]``.
+    The router checks its workers' ``/health`` every ``health_check_interval_s`` seconds (and once a second
+    at start-up, instead of its defaults of 60 s and 30 s); it is ready when ``/readiness`` answers 200, which it does
+    once a worker is healthy."""
+    if policy not in ROUTER_POLICIES:
+        raise ValueError(f"unknown router policy {policy!r}; vllm-router knows {', '.join(ROUTER_POLICIES)}")
+    if not worker_urls:
+        raise ValueError("vllm_router needs at least one worker URL (e.g. a vllm_server(...).url)")
+    try:
+        import vllm_router  # noqa: F401  (the launcher; the router itself is its Rust extension)
+    except ImportError as exc:
+        raise ServerError(f"vllm-router is not installed ({exc}). Fix: `pip install vllm-router==0.1.17` "
+                          "(it is a dependency of the course package: `make env` installs it).") from None
+    port = port or free_port()
+    metrics_port = metrics_port or free_port()
+    cmd = [sys.executable, "-m", "vllm_router.launch_router", "--host", HOST, "--port", str(port),
+           "--worker-urls", *worker_urls, "--policy", policy,
+           "--prometheus-host", HOST, "--prometheus-port", str(metrics_port),
+           "--worker-startup-check-interval", "1", "--health-check-interval-secs", str(health_check_interval_s),
+           *extra_args]
+    return ManagedServer("vllm-router", cmd, port=port, ready_path="/readiness", startup_timeout=startup_timeout,
+                         ports={"http": port, "metrics": metrics_port})
+
+
 def service_server(model: str, *, upstream: str | None = None, keys: dict[str, str] | None = None,
                    served_name: str = "smollm2", port: int | None = None, profile=None,
                    rate_limit: float | None = None, rate_burst: int = 10, max_in_flight: int | None = 64,
