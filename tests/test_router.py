@@ -24,10 +24,15 @@ TESTS = Path(__file__).parent
 def start_workers(names):
     workers = [servers.uvicorn_server("router_worker_app:app", app_dir=TESTS, ready_path="/health",
                                       env={"WORKER_NAME": name}) for name in names]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.wait_ready()
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.wait_ready()  # stops that worker and raises with its log on failure
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
     return workers
 
 

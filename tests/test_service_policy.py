@@ -424,11 +424,10 @@ def test_invalid_bodies_are_clear_4xx_errors(make_client):
                                      b'"stop": [' + lone + b']}', "stop"),
             ("/v1/completions", b'{"model": ' + lone + b', "prompt": "Hi"}', "model")):
         code, error = post(None, path, raw)
-        # our validator names the surrogate; where a length limit applies, pydantic's own check answers first
-        said = "surrogate" in error["message"] or "unable to parse raw data as a unicode string" in error["message"]
-        assert code == 422 and said and error["param"].startswith(param), (path, error)
+        # the validator names the surrogate on every text field, length-limited ones (prompt, stop) included
+        assert code == 422 and "lone UTF-16 surrogate" in error["message"] and error["param"].startswith(param), (path, error)
     code, error = post(None, "/v1/completions", b'{"model": "smollm2", "prompt": "Hi", "stop": ' + lone + b'}')
-    assert code == 422 and "unicode string" in error["message"] and error["param"].startswith("stop"), error
+    assert code == 422 and "lone UTF-16 surrogate" in error["message"] and error["param"].startswith("stop"), error
     code, error = post({"model": "smollm2", "prompt": ""}, "/v1/completions")
     assert code == 422 and "at least 1 character" in error["message"], error
     # a complete pair (an emoji) is text
@@ -736,6 +735,15 @@ def test_a_chat_template_refusal_is_a_400_and_an_unknown_model_is_refused_before
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == "messages" and "roles must alternate" in error["message"]
+
+    from jinja2 import TemplateSyntaxError
+
+    def broken(messages):  # a template that does not parse is the server's fault, not the request's
+        raise TemplateSyntaxError("unexpected '}'", lineno=1)
+
+    tokenizer._encode_chat = broken
+    answer = client.post("/v1/chat/completions", headers=ALPHA, json=CHAT)
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "internal_error", answer.text
 
     def fail(*args):
         raise AssertionError("tokenized a request for a model this server does not serve")

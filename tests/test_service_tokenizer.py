@@ -23,6 +23,9 @@ TEXTS = ["The capital of France is", "  leading spaces and trailing  ", "naïve 
 
 def test_ids_match_the_tokenizer_called_directly(hf_tokenizer):
     tok = PromptTokenizer(hf_tokenizer)
+    # the embedded model's tokenizer takes the fast path (a private Rust copy); without it the ids would
+    # match trivially, through the tokenizer's own encode
+    assert tok.backend is not None, type(hf_tokenizer).__mro__
     try:
         for text in TEXTS:
             for special in (True, False):
@@ -81,3 +84,42 @@ def test_truncation_or_padding_saved_with_a_tokenizer_does_not_cut_prompts(hf_to
     finally:
         tok.close()
     assert got == hf_tokenizer.encode(text) and len(got) > 3, got
+
+
+def test_split_special_tokens_is_kept_by_the_copy():
+    # A tokenizer set to split special tokens written in the text encodes "<|im_start|>" as ordinary text; the
+    # private copy must too (encode sets the flag on every call; the serialized tokenizer does not carry it).
+    from transformers import AutoTokenizer
+
+    from inference_course.models import resolve_model
+
+    splitting = AutoTokenizer.from_pretrained(resolve_model(), split_special_tokens=True)
+    tok = PromptTokenizer(splitting)
+    text = "<|im_start|>user\nhello<|im_end|>"
+    try:
+        assert tok.backend is not None
+        got = asyncio.run(tok.encode(text, add_special_tokens=False))
+    finally:
+        tok.close()
+    assert got == splitting.encode(text, add_special_tokens=False)
+    assert splitting.convert_tokens_to_ids("<|im_start|>") not in got, got
+
+
+def test_a_tokenizer_with_its_own_encode_plus_uses_its_encode():
+    from transformers import AutoTokenizer
+
+    from inference_course.models import resolve_model
+
+    custom = AutoTokenizer.from_pretrained(resolve_model())
+
+    class CustomTokenizer(type(custom)):
+        def _encode_plus(self, *args, **kwargs):  # does more than the Rust tokenizer: a copy would skip it
+            return super()._encode_plus(*args, **kwargs)
+
+    custom.__class__ = CustomTokenizer
+    tok = PromptTokenizer(custom)
+    try:
+        assert tok.backend is None
+        assert asyncio.run(tok.encode("hello there")) == custom.encode("hello there")
+    finally:
+        tok.close()

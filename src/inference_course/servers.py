@@ -392,7 +392,9 @@ def vllm_router(worker_urls: Sequence[str], *, policy: str = "round_robin", port
     cmd = [sys.executable, "-m", "vllm_router.launch_router", "--host", HOST, "--port", str(port),
            "--worker-urls", *worker_urls, "--policy", policy,
            "--prometheus-host", HOST, "--prometheus-port", str(metrics_port),
-           "--worker-startup-check-interval", "1", "--health-check-interval-secs", str(health_check_interval_s),
+           # the router waits for its workers' /health before /readiness answers: as long as we wait for it
+           "--worker-startup-timeout-secs", str(max(1, int(startup_timeout))), "--worker-startup-check-interval", "1",
+           "--health-check-interval-secs", str(health_check_interval_s),
            *extra_args]
     return ManagedServer("vllm-router", cmd, port=port, ready_path="/readiness", startup_timeout=startup_timeout,
                          ports={"http": port, "metrics": metrics_port})

@@ -32,10 +32,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 try:  # chat templates are Jinja templates (transformers renders them with jinja2)
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateNotFound, TemplateSyntaxError
+    from jinja2.exceptions import SecurityError
+
+    # A template that does not parse or is not allowed is the server's fault, not the request's.
+    SERVER_TEMPLATE_ERRORS: tuple = (TemplateSyntaxError, TemplateNotFound, SecurityError)
 except ImportError:  # pragma: no cover - jinja2 comes with transformers' chat templates and with torch
     class TemplateError(Exception):
         pass
+
+    SERVER_TEMPLATE_ERRORS = ()
 
 from .backends import EngineBackend, EngineDead, UpstreamBackend, UpstreamError, stream_error, upstream_error_json
 from .policy import Admission, KeyRing, RateLimiter, retry_after_header
@@ -122,8 +128,9 @@ class PromptTokenizer:
     thread, it stalls every other request's stream for that time. A py-spy profile of this service on an
     H200 at 64 concurrent streams found 18.6% of the event loop thread's samples in ``tokenizer.encode``
     (Lab 2.3 README, ``profiles/h200-2026-11-30``); ``vllm serve`` tokenizes in a worker thread. So does
-    this class: one thread (a tokenizer is not safe to share between threads), and the Rust tokenizer's
-    batch call, which releases the GIL while it works, so the event loop runs meanwhile."""
+    this class: one worker thread (the transformers tokenizer object changes its own settings on every call,
+    so it is not shared between threads; one worker also tokenizes requests in the order they came), and the
+    Rust tokenizer's batch call, which releases the GIL while it works, so the event loop runs meanwhile."""
 
     def __init__(self, tokenizer):
         self.hf = tokenizer
@@ -132,9 +139,11 @@ class PromptTokenizer:
 
     @staticmethod
     def _own_backend(tokenizer):
-        """A private copy of the Rust tokenizer, with truncation and padding off (``encode`` turns them off
-        on every call; a model's tokenizer.json may turn them on), or None where ``encode`` does more than
-        the Rust tokenizer (a slow tokenizer, or a subclass with its own ``_encode_plus``)."""
+        """A private copy of the Rust tokenizer, set as ``encode`` sets it on every call (truncation and
+        padding off: a model's tokenizer.json may turn them on; special tokens written in the text split or
+        not as the tokenizer's ``split_special_tokens`` says), or None where ``encode`` does more than the
+        Rust tokenizer (a slow tokenizer, or a subclass with its own ``_encode_plus``) or the tokenizer cannot
+        be copied (a custom Python pre-tokenizer does not serialize): ``encode`` itself is used then."""
         try:
             from tokenizers import Tokenizer
             from transformers.tokenization_utils_tokenizers import TokenizersBackend
@@ -142,9 +151,13 @@ class PromptTokenizer:
             return None
         if not isinstance(tokenizer, TokenizersBackend) or type(tokenizer)._encode_plus is not TokenizersBackend._encode_plus:
             return None
-        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        try:
+            backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        except Exception:  # noqa: BLE001 - any failure to copy falls back to the tokenizer's own encode
+            return None
         backend.no_truncation()
         backend.no_padding()
+        backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
         return backend
 
     def __len__(self) -> int:
@@ -465,6 +478,8 @@ def create_app(config: ServiceConfig, backend=None) -> FastAPI:
         try:
             prompt_ids = await state.tokenizer.encode_chat(messages)
         except TemplateError as exc:  # the model's chat template refuses these messages (e.g. roles out of order)
+            if isinstance(exc, SERVER_TEMPLATE_ERRORS):  # the template itself is broken: the server's fault (500)
+                raise
             request.scope["state"]["reason"] = "invalid"
             return _json(400, error_body(f"This model's chat template refuses these messages: {exc}",
                                          "invalid_request_error", 400, "messages"))

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictStr
 
 # Bounds of the OpenAI API (temperature 0..2, top_p (0, 1], penalties -2..2, at most 4 stop sequences).
 # A strict float takes JSON integers too (2 -> 2.0) but no strings or booleans; the bounds sit on the
@@ -41,9 +41,13 @@ def _int(**bounds):
     return Annotated[int, Field(strict=True, **bounds), BeforeValidator(_integral)]
 
 
-def _unicode(value: str) -> str:
+def _unicode(value):
     """JSON may escape half of a UTF-16 surrogate pair alone ("\\ud800"); Python then holds a string that is
-    not Unicode text, which the tokenizer refuses with a TypeError (a 500). Refuse it here, as a 422."""
+    not Unicode text, which the tokenizer refuses with a TypeError (a 500). Refuse it here, as a 422. It runs
+    before pydantic's own string checks (a length constraint would otherwise answer first, with a message
+    that does not say what is wrong); anything but a string passes on to them."""
+    if not isinstance(value, str):
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -52,9 +56,8 @@ def _unicode(value: str) -> str:
     return value
 
 
-Text = Annotated[StrictStr, AfterValidator(_unicode)]
-# The length constraint before the validator: pydantic then keeps its string error ("at least 1 character").
-NonEmptyText = Annotated[StrictStr, Field(min_length=1), AfterValidator(_unicode)]
+Text = Annotated[StrictStr, BeforeValidator(_unicode)]
+NonEmptyText = Annotated[StrictStr, Field(min_length=1), BeforeValidator(_unicode)]
 PositiveInt = _int(ge=1)
 TokenId = _int()
 # vLLM refuses an empty stop string (it would match everywhere).
