@@ -76,10 +76,11 @@ def read_raw(path: Path) -> dict[str, collections.Counter]:
     return threads
 
 
-def profile(arch: str, server, concurrency: int, requests: int, out: Path, prompts) -> dict:
+def profile(arch: str, server, concurrency: int, requests: int, out: Path, prompts, warm) -> dict:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    bench.run(server.url, SERVED, prompts[:2 * concurrency], concurrency=concurrency, max_tokens=128,
-              api_key=KEY)  # warm-up: the first requests pay one-off costs
+    # warm-up with prompts of their own (the measured ones would then hit the prefix cache): the first
+    # requests after a start pay one-off costs
+    bench.run(server.url, SERVED, warm, concurrency=concurrency, max_tokens=128, api_key=KEY)
     raw = out / f"profile-{arch}.txt"
     spy = subprocess.Popen([py_spy, "record", "--pid", str(server.pid), "--rate", str(RATE), "--format", "raw",
                             "--threads", "--nonblocking", "--output", str(raw)],
@@ -87,11 +88,18 @@ def profile(arch: str, server, concurrency: int, requests: int, out: Path, promp
     time.sleep(2)  # py-spy attaches
     if spy.poll() is not None:
         raise SystemExit(f"py-spy could not attach to {arch} (pid {server.pid}):\n{spy.stdout.read()}")
-    t0 = time.perf_counter()
-    results, duration = bench.run(server.url, SERVED, prompts, concurrency=concurrency, max_tokens=128, api_key=KEY)
-    seconds = time.perf_counter() - t0
-    spy.send_signal(signal.SIGINT)
-    log = spy.communicate(timeout=60)[0]
+    try:
+        t0 = time.perf_counter()
+        results, duration = bench.run(server.url, SERVED, prompts, concurrency=concurrency, max_tokens=128,
+                                      api_key=KEY)
+        seconds = time.perf_counter() - t0
+    finally:  # py-spy writes its samples when interrupted; never leave it attached
+        spy.send_signal(signal.SIGINT)
+        try:
+            log = spy.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            raise
     summary = bench.summarize(results, duration)
     counted = re.search(r"Samples: (\d+) Errors: (\d+)", log)  # py-spy's own tally of reads and failed reads
     sampled, failed = (int(counted.group(1)), int(counted.group(2))) if counted else (None, None)
@@ -134,6 +142,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = bench.random_text_prompts(tokenizer, requests, P.input_len, seed=7)
+    warm = bench.random_text_prompts(tokenizer, 2 * concurrency, P.input_len, seed=8)
     engine = dict(kv_cache_memory_bytes=2**30) if P.name == "cpu" else {}
     if shape:
         engine["load_format"] = "dummy"
@@ -144,9 +153,8 @@ def main() -> None:
         else:
             server = service_server(model, keys={TENANT: KEY}, served_name=SERVED, max_in_flight=2 * concurrency,
                                     rate_limit=None, **engine)
-        with server:
-            server.wait_ready()
-            reports.append(profile(arch, server, concurrency, requests, out, prompts))
+        with server:  # started and ready inside the block, stopped at its end
+            reports.append(profile(arch, server, concurrency, requests, out, prompts, warm))
         print(json.dumps({k: v for k, v in reports[-1].items() if k != "py_spy_log_tail"}, indent=1), flush=True)
     (out / "profile-layer.json").write_text(json.dumps(reports, indent=1))
     lines = [f"# {model_label(model)}{' (random weights)' if shape else ''}: front-end process profiles at "
