@@ -143,7 +143,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = bench.random_text_prompts(tokenizer, requests, P.input_len, seed=7)
     warm = bench.random_text_prompts(tokenizer, 2 * concurrency, P.input_len, seed=8)
-    engine = dict(kv_cache_memory_bytes=2**30) if P.name == "cpu" else {}
+    engine = P.serving_engine_kwargs()
     if shape:
         engine["load_format"] = "dummy"
     reports = []

@@ -209,7 +209,7 @@ def test_course_driver_agrees_with_vllm_bench_serve_on_a_real_server():
 
     model = resolve_model()
     # a fixed 1 GiB KV cache: allocated seconds faster than the cpu profile's auto-sized one; the load needs far less
-    kv = dict(kv_cache_memory_bytes=2**30) if get_profile().name == "cpu" else {}
+    kv = get_profile().serving_engine_kwargs()
     with servers.vllm_server(model, served_name="course-model", **kv) as server:
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
                "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}

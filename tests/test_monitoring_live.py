@@ -25,7 +25,7 @@ from inference_course.profiles import get_profile
 pytestmark = pytest.mark.engine
 
 P = get_profile()
-ENGINE = dict(kv_cache_memory_bytes=2**30) if P.name == "cpu" else {}
+ENGINE = P.serving_engine_kwargs()
 KEY = "sk-monitoring-test-7c1e"
 NAME = "smollm2"
 REQUESTS, TOKENS = 12, 8

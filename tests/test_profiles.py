@@ -42,6 +42,15 @@ def test_serve_args_mirror_engine_kwargs():
     assert "--enforce-eager" not in profiles.GPU.vllm_serve_args()
 
 
+def test_serving_kv_cache_is_fixed_on_cpu_only():
+    # cpu: a fixed 1 GiB KV cache, passed through to vllm serve as a flag; gpu: the profile's sizing
+    assert profiles.CPU.serving_engine_kwargs() == {"kv_cache_memory_bytes": 2**30}
+    assert profiles.GPU.serving_engine_kwargs() == {}
+    args = profiles.CPU.vllm_serve_args(**profiles.CPU.serving_engine_kwargs())
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(2**30)
+    assert "--kv-cache-memory-bytes" not in profiles.GPU.vllm_serve_args(**profiles.GPU.serving_engine_kwargs())
+
+
 def test_system_info_names_the_machine():
     info = profiles.system_info(profiles.CPU)
     assert info["profile"] == "cpu" and info["cpu_cores"] >= 1

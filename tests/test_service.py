@@ -28,7 +28,7 @@ from test_service_policy import fuzz_openapi
 pytestmark = pytest.mark.engine
 
 P = get_profile()
-ENGINE = dict(kv_cache_memory_bytes=2**30) if P.name == "cpu" else {}
+ENGINE = P.serving_engine_kwargs()
 NAME = "smollm2"
 KEYS = {tenant: f"sk-test-{tenant}-4f9a" for tenant in ("alice", "bob", "burst", "load", "fuzz1", "fuzz2", "fuzz3")}
 MAX_IN_FLIGHT = 4
