@@ -1,4 +1,4 @@
-"""Helpers for Lab 2.4 (Production Deployment), notebook 01: what is inside the service's image, and a
+"""Helpers for Lab 2.4 (Production Deployment). Notebook 01: what is inside the service's image, and a
 stream in flight while the container is stopped.
 
 Building and running the image come from the package (``inference_course.deploy.images``:
@@ -15,10 +15,19 @@ notebook does with them:
 * ``parse_size``/``container_memory``: ``podman stats``' human-readable sizes as bytes;
 * ``StreamProbe``: one streaming chat completion in a background thread, with the time of every chunk,
   so that the notebook can stop the container under it and see whether it ended whole or was cut.
+
+Notebook 03 (two vLLM replicas behind the vLLM project's router, ``inference_course.servers.vllm_router``):
+
+* ``replica_counters``: each replica's prefix-cache and request counters from its ``/metrics``;
+* ``router_samples``: one of the router's own ``vllm_router_*`` metrics, by worker;
+* ``run_sessions``: multi-turn chats with the official openai client, optionally with ``X-Session-ID``;
+* ``kill_replica``: SIGKILL a replica's process group.
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -220,3 +229,106 @@ class StreamProbe:
 def drain_lines(log: str) -> list[str]:
     """The service's drain messages in a container's log (what it logs on SIGTERM and after the drain)."""
     return [line.strip() for line in log.splitlines() if "draining" in line or "drained;" in line]
+
+
+# -- notebook 03: replicas behind a router --------------------------------------------------------------
+
+def replica_counters(urls) -> dict[str, dict[str, float]]:
+    """For each replica URL, the counters notebook 03 reads from its ``/metrics`` (vLLM's own names):
+    ``hits`` and ``queries`` (prompt tokens found in / looked up in the prefix cache) and ``success``
+    (requests finished)."""
+    import httpx
+
+    from inference_course.monitoring import metric, scrape
+
+    out = {}
+    for url in urls:
+        with httpx.Client(base_url=url, trust_env=False, timeout=10) as client:
+            samples = scrape(client)
+        out[url] = {"hits": metric(samples, "vllm:prefix_cache_hits_total"),
+                    "queries": metric(samples, "vllm:prefix_cache_queries_total"),
+                    "success": metric(samples, "vllm:request_success_total")}
+    return out
+
+
+def router_samples(router, name: str) -> dict[str, float]:
+    """One ``vllm_router_*`` metric of a running router, by its ``worker`` (or ``route``) label."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{router.ports['metrics']}/metrics", trust_env=False, timeout=10).text
+    return {sample.labels.get("worker", sample.labels.get("route", "")): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == name}
+
+
+async def _session(client, model: str, session_id: str, system: str, turns: int, max_tokens: int,
+                   header: bool, rows: list) -> None:
+    messages = [{"role": "system", "content": system}]
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"Question {turn + 1}: summarize the context in one line."})
+        row = {"session": session_id, "turn": turn, "ttft_s": None, "ok": False, "error": None}
+        rows.append(row)
+        started = time.perf_counter()
+        text = []
+        try:
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                extra_headers={"X-Session-ID": session_id} if header else None)
+            async for chunk in stream:
+                delta = chunk.choices[0].delta.content if chunk.choices else None
+                if delta:
+                    if row["ttft_s"] is None:
+                        row["ttft_s"] = time.perf_counter() - started
+                    text.append(delta)
+            row["ok"] = True
+        except Exception as exc:  # noqa: BLE001  (the row records what the client saw; the run goes on)
+            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            return  # a session whose turn failed stops: its next turn would need this answer
+        messages.append({"role": "assistant", "content": "".join(text)})
+
+
+def run_sessions(base_url: str, model: str, systems: dict[str, str], *, turns: int, concurrency: int,
+                 max_tokens: int, header: bool = True):
+    """Multi-turn chats, one per ``systems`` entry (session id -> system prompt), each turn sent after the
+    previous answer arrived, at most ``concurrency`` sessions at a time, with the official openai client
+    (streaming; ``X-Session-ID: <session id>`` on every request when ``header``). Every turn's prompt starts
+    with the one before it (system prompt, earlier questions and answers): the prefix a cache can reuse.
+    Returns a DataFrame: session, turn, ttft_s (time to the first content chunk), ok, error."""
+    import asyncio
+
+    import httpx
+    import pandas as pd
+    from openai import AsyncOpenAI
+
+    async def main():
+        http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(300.0))
+        client = AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="EMPTY", http_client=http, max_retries=0)
+        rows: list = []
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(session_id, system):
+            async with gate:
+                await _session(client, model, session_id, system, turns, max_tokens, header, rows)
+
+        try:
+            await asyncio.gather(*(one(sid, text) for sid, text in systems.items()))
+        finally:
+            await client.close()
+        return rows
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        rows = asyncio.run(main())
+    else:  # inside a running loop (a Jupyter cell's): run ours in a worker thread, as bench.run does
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            rows = pool.submit(asyncio.run, main()).result()
+    return pd.DataFrame(rows, columns=["session", "turn", "ttft_s", "ok", "error"])
+
+
+def kill_replica(server) -> None:
+    """SIGKILL a replica's whole process group (the API server and its EngineCore): a node or pod that dies
+    without any chance to clean up."""
+    os.killpg(server.pid, signal.SIGKILL)
