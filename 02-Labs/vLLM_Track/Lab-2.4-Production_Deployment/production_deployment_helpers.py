@@ -266,15 +266,21 @@ async def _session(client, model: str, session_id: str, system: str, turns: int,
     messages = [{"role": "system", "content": system}]
     for turn in range(turns):
         messages.append({"role": "user", "content": f"Question {turn + 1}: summarize the context in one line."})
-        row = {"session": session_id, "turn": turn, "ttft_s": None, "ok": False, "error": None}
+        row = {"session": session_id, "turn": turn, "ttft_s": None, "ok": False, "error": None,
+               "prompt_tokens": None, "cached_tokens": None}
         rows.append(row)
         started = time.perf_counter()
         text = []
         try:
             stream = await client.chat.completions.create(
                 model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True},
                 extra_headers={"X-Session-ID": session_id} if header else None)
             async for chunk in stream:
+                if chunk.usage is not None:  # the last chunk: token counts (cached ones with --enable-prompt-tokens-details)
+                    row["prompt_tokens"] = chunk.usage.prompt_tokens
+                    details = chunk.usage.prompt_tokens_details
+                    row["cached_tokens"] = details.cached_tokens if details is not None else None
                 delta = chunk.choices[0].delta.content if chunk.choices else None
                 if delta:
                     if row["ttft_s"] is None:
@@ -293,7 +299,9 @@ def run_sessions(base_url: str, model: str, systems: dict[str, str], *, turns: i
     previous answer arrived, at most ``concurrency`` sessions at a time, with the official openai client
     (streaming; ``X-Session-ID: <session id>`` on every request when ``header``). Every turn's prompt starts
     with the one before it (system prompt, earlier questions and answers): the prefix a cache can reuse.
-    Returns a DataFrame: session, turn, ttft_s (time to the first content chunk), ok, error."""
+    Returns a DataFrame: session, turn, ttft_s (time to the first content chunk), ok, error, prompt_tokens and
+    cached_tokens (the prompt tokens the replica found in its prefix cache: vLLM reports them in the usage of
+    the stream's last chunk when ``vllm serve`` runs with ``--enable-prompt-tokens-details``; else None)."""
     import asyncio
 
     import httpx
@@ -325,10 +333,53 @@ def run_sessions(base_url: str, model: str, systems: dict[str, str], *, turns: i
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             rows = pool.submit(asyncio.run, main()).result()
-    return pd.DataFrame(rows, columns=["session", "turn", "ttft_s", "ok", "error"])
+    return pd.DataFrame(rows, columns=["session", "turn", "ttft_s", "ok", "error", "prompt_tokens", "cached_tokens"])
 
 
 def kill_replica(server) -> None:
     """SIGKILL a replica's whole process group (the API server and its EngineCore): a node or pod that dies
     without any chance to clean up."""
     os.killpg(server.pid, signal.SIGKILL)
+
+
+NGINX_CONF = Path(__file__).with_name("nginx") / "replicas.conf"
+
+
+def nginx_router(urls, *, balance: str = "least_conn;", work_dir: str | Path | None = None):
+    """nginx in front of the replicas at ``urls``, configured from ``nginx/replicas.conf`` (the file to read:
+    this only fills in its placeholders). ``balance`` is the upstream's balancing directive (``least_conn;``,
+    ``hash $http_x_session_id consistent;``, or ``""`` for nginx's default round robin). Returns a
+    ``ManagedServer`` (not started); its access log, one line per request with the replica that answered, is
+    ``server.access_log``. Raises ``ServerError`` with the fix when nginx is not installed."""
+    import shutil
+    import tempfile
+
+    from inference_course.servers import ManagedServer, ServerError, free_port
+
+    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+    if binary is None:
+        raise ServerError("nginx is not installed. Fix: `sudo apt-get install nginx-light` (Debian/Ubuntu) or "
+                          "`brew install nginx` (macOS); the notebook skips the nginx run without it.")
+    work = Path(work_dir or tempfile.mkdtemp(prefix="lab24-nginx-"))
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    servers = "\n        ".join(f"server {url.split('://', 1)[-1].rstrip('/')};" for url in urls)
+    conf = (NGINX_CONF.read_text().replace("@WORK@", str(work)).replace("@PORT@", str(port))
+            .replace("@BALANCE@", balance).replace("@SERVERS@", servers))
+    (work / "nginx.conf").write_text(conf)
+    server = ManagedServer("nginx", [binary, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"],
+                           port=port, ready_path="/nginx-health", startup_timeout=30)
+    server.access_log = work / "access.log"
+    return server
+
+
+def nginx_upstream_counts(access_log: str | Path) -> dict[str, int]:
+    """Requests nginx's access log says each replica answered with 200, by replica URL."""
+    counts: dict[str, int] = {}
+    path = Path(access_log)
+    for line in path.read_text().splitlines() if path.exists() else []:
+        status, _, upstreams = (line.split(" ", 2) + ["", ""])[:3]  # "$status $request_time $upstream_addr"
+        if status == "200" and upstreams:
+            url = "http://" + upstreams.split(",")[-1].strip()  # "a, b" when nginx tried two replicas: b answered
+            counts[url] = counts.get(url, 0) + 1
+    return counts
