@@ -183,6 +183,47 @@ def ttft_agreement(runs, concurrency, within_tolerance):
     return False, f" -- and the repetitions do not overlap ({ranges})"
 
 
+def paired_agreement(runs, concurrency, keys, tolerance=0.10):
+    """The strict metrics agree, paired by repetition, when the median over the repetitions of
+    (the course bench's value / vllm bench serve's value) is within ``tolerance`` of 1 for every key. Within one
+    repetition the two tools ran back to back, so a ratio compares them under the same server state; the
+    medians of each tool's own repetitions do not, and on a 2-core machine the server drifts between
+    repetitions by more than 10% (a CI run of 2026-12-01: vllm bench serve's median ITL 54-71 ms at
+    concurrency 8 over three repetitions). Returns (agree, note)."""
+    by_rep = {}
+    for r in runs:
+        if r["concurrency"] == concurrency:
+            by_rep.setdefault(r["rep"], {})[r["tool"]] = r
+    pairs = [v for v in by_rep.values() if "course" in v and "vllm" in v]
+    if not pairs:
+        return False, " -- and no repetition ran both tools"
+    ratios = {key: statistics.median(v["course"][key] / v["vllm"][key] for v in pairs) for key in keys}
+    agree = all(abs(ratio - 1) <= tolerance for ratio in ratios.values())
+    listed = ", ".join(f"{key} {ratio:.3f}x" for key, ratio in ratios.items())
+    return agree, (f" -- paired by repetition (median of {len(pairs)} back-to-back ratios): {listed}: "
+                   + ("within" if agree else "NOT within") + f" {tolerance:.0%}")
+
+
+# Concurrency 8 of the CI run of 2026-12-01 that failed on the medians (ITL 59.25 vs 67.82 ms, 0.874x).
+CI_RUNS_C8_ITL = [
+    {"rep": 0, "tool": "vllm", "concurrency": 8, "output_throughput": 77.59, "median_itl_ms": 67.82},
+    {"rep": 0, "tool": "course", "concurrency": 8, "output_throughput": 71.79, "median_itl_ms": 73.68},
+    {"rep": 1, "tool": "course", "concurrency": 8, "output_throughput": 82.06, "median_itl_ms": 59.25},
+    {"rep": 1, "tool": "vllm", "concurrency": 8, "output_throughput": 74.48, "median_itl_ms": 71.12},
+    {"rep": 2, "tool": "vllm", "concurrency": 8, "output_throughput": 90.12, "median_itl_ms": 53.80},
+    {"rep": 2, "tool": "course", "concurrency": 8, "output_throughput": 88.04, "median_itl_ms": 54.74}]
+
+
+def test_paired_agreement_follows_the_server_and_still_catches_a_real_gap():
+    keys = ("output_throughput", "median_itl_ms")
+    agree, note = paired_agreement(CI_RUNS_C8_ITL, 8, keys)
+    assert agree and "median_itl_ms 1.017x" in note, note  # ratios 1.086, 0.833, 1.017
+    slower = [{**r, "median_itl_ms": 1.3 * r["median_itl_ms"]} if r["tool"] == "course" else r for r in CI_RUNS_C8_ITL]
+    agree, note = paired_agreement(slower, 8, keys)
+    assert not agree and "NOT within" in note, note  # a 30% ITL gap in every repetition is caught
+    assert paired_agreement(CI_RUNS_C8_ITL[:1], 8, keys) == (False, " -- and no repetition ran both tools")
+
+
 # Concurrency 8 of the CI run of 2026-11-30 that failed on the 25% alone (medians 1,298 vs 1,032 ms).
 CI_RUNS_C8 = [{"tool": "vllm", "concurrency": 8, "median_ttft_ms": 1032.2},
               {"tool": "course", "concurrency": 8, "median_ttft_ms": 1322.6},
@@ -235,9 +276,12 @@ def test_course_driver_agrees_with_vllm_bench_serve_on_a_real_server():
         strict_check = bench.compare_tools(medians["course"], medians["vllm"], 0.10, names=names, metrics=strict)
         ttft_check = bench.compare_tools(medians["course"], medians["vllm"], TTFT_TOLERANCE, names=names, metrics=ttft)
         ttft_agree, ttft_note = ttft_agreement(runs, concurrency, ttft_check["agree"])
-        check = {"agree": strict_check["agree"] and ttft_agree,
-                 "sentence": f"{strict_check['sentence']} | TTFT ({TTFT_TOLERANCE:.0%}): {ttft_check['sentence']}"
-                             + ttft_note}
+        strict_agree, strict_note = strict_check["agree"], ""
+        if not strict_agree:
+            strict_agree, strict_note = paired_agreement(runs, concurrency, [key for key, _, _ in strict])
+        check = {"agree": strict_agree and ttft_agree,
+                 "sentence": f"{strict_check['sentence']}{strict_note} | TTFT ({TTFT_TOLERANCE:.0%}): "
+                             f"{ttft_check['sentence']}" + ttft_note}
         print(f"concurrency {concurrency}: {check['sentence']}")
         if not check["agree"]:
             busiest = max(r["foreign_cpu"] for r in runs if r["concurrency"] == concurrency)
