@@ -491,11 +491,11 @@ async def run_requests(base_url: str, model: str, prompts: Sequence, *, concurre
     return list(results), duration
 
 
-def run(base_url: str, model: str, prompts: Sequence, **kw) -> tuple[list[RequestResult], float]:
-    """Synchronous ``run_requests`` (same arguments). Inside a running event loop, such as a Jupyter
-    cell's, it runs the benchmark on its own loop in a worker thread and waits for it."""
+def run_sync(make_coroutine):
+    """Run ``make_coroutine()`` to completion and return its result, from plain code or from inside a running
+    event loop, such as a Jupyter cell's: there on its own loop in a worker thread, waiting for it."""
     def job():
-        return asyncio.run(run_requests(base_url, model, prompts, **kw))
+        return asyncio.run(make_coroutine())
 
     try:
         asyncio.get_running_loop()
@@ -503,6 +503,11 @@ def run(base_url: str, model: str, prompts: Sequence, **kw) -> tuple[list[Reques
         return job()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench") as pool:
         return pool.submit(job).result()
+
+
+def run(base_url: str, model: str, prompts: Sequence, **kw) -> tuple[list[RequestResult], float]:
+    """Synchronous ``run_requests`` (same arguments), through ``run_sync``."""
+    return run_sync(lambda: run_requests(base_url, model, prompts, **kw))
 
 
 # -- workloads --------------------------------------------------------------------------------------

@@ -254,11 +254,12 @@ def replica_counters(urls) -> dict[str, dict[str, float]]:
 def router_samples(router, name: str) -> dict[str, float]:
     """One ``vllm_router_*`` metric of a running router, by its ``worker`` (or ``route``) label."""
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"http://127.0.0.1:{router.ports['metrics']}/metrics", trust_env=False, timeout=10).text
-    return {sample.labels.get("worker", sample.labels.get("route", "")): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == name}
+    from inference_course.monitoring import scrape
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{router.ports['metrics']}", trust_env=False, timeout=10) as client:
+        samples = scrape(client)
+    return {labels.get("worker", labels.get("route", "")): value for labels, value in samples.get(name, [])}
 
 
 async def _session(client, model: str, session_id: str, system: str, turns: int, max_tokens: int,
@@ -308,6 +309,8 @@ def run_sessions(base_url: str, model: str, systems: dict[str, str], *, turns: i
     import pandas as pd
     from openai import AsyncOpenAI
 
+    from inference_course import bench
+
     async def main():
         http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(300.0))
         client = AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="EMPTY", http_client=http, max_retries=0)
@@ -324,15 +327,7 @@ def run_sessions(base_url: str, model: str, systems: dict[str, str], *, turns: i
             await client.close()
         return rows
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        rows = asyncio.run(main())
-    else:  # inside a running loop (a Jupyter cell's): run ours in a worker thread, as bench.run does
-        import concurrent.futures
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            rows = pool.submit(asyncio.run, main()).result()
+    rows = bench.run_sync(main)  # works inside a Jupyter cell's running event loop too
     return pd.DataFrame(rows, columns=["session", "turn", "ttft_s", "ok", "error", "prompt_tokens", "cached_tokens"])
 
 
