@@ -288,6 +288,35 @@ def test_request_rate_spreads_arrivals_deterministically(server):
     assert max(r.start for r in results) < 0.03
 
 
+def test_explicit_arrivals_from_an_origin(server):
+    """A ramp's send times, measured from an origin the caller took before the run (as Lab 2.4/04 does)."""
+    schedule = [0.25, 0.30, 0.45]
+    origin = time.perf_counter()
+    time.sleep(0.2)  # the run begins after the origin: the first arrival is 0.05 s away, not 0.25
+    results, duration = bench.run(server.url, "m-ramp", prompts(3), concurrency=3, max_tokens=3,
+                                  arrivals=schedule, origin=origin)
+    lag = np.array([r.start for r in results]) - np.array(schedule)
+    assert np.all(lag >= -0.002) and np.all(lag < 0.1), lag
+    assert duration >= schedule[-1]
+    with pytest.raises(ValueError, match="one per prompt"):
+        bench.run(server.url, "m-ramp", prompts(2), concurrency=2, max_tokens=3, arrivals=[0.0])
+
+
+def test_open_loop_follows_its_rate_until_stopped(server):
+    """bench.OpenLoop: no arrivals while the rate is 0, about rate x time after; nothing new once stopped."""
+    origin = time.perf_counter()
+    load = bench.OpenLoop(server.url, "m-open", lambda n, seed: prompts(n), lambda t: 0.0 if t < 0.5 else 40.0,
+                          origin=origin, chunk_s=0.25, seed=3, max_tokens=2).start()
+    time.sleep(1.5)
+    results = load.stop()
+    stopped = time.perf_counter() - origin
+    starts = [r.start for r in results]
+    assert starts == sorted(starts) and all(r.ok for r in results)
+    assert min(starts) >= 0.5  # the first chunks had a rate of 0
+    assert 15 <= len(results) <= 70, len(results)  # ~40 req/s for ~1 s (Poisson)
+    assert max(starts) < stopped + 0.3  # no chunk began after stop()
+
+
 def test_run_inside_a_running_event_loop(server, capsys):
     async def notebook_cell():  # a Jupyter cell runs while the kernel's event loop is running
         asyncio.get_running_loop()

@@ -97,6 +97,7 @@ import gc
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -432,6 +433,7 @@ async def run_requests(base_url: str, model: str, prompts: Sequence, *, concurre
                        api: str = "completions", temperature: float = 0.0, ignore_eos: bool = True,
                        request_rate: float | None = None, seed: int = 0, timeout: float = 600,
                        progress: bool = False, api_key: str | None = None, headers: dict | None = None,
+                       origin: float | None = None, arrivals: Sequence[float] | None = None,
                        ) -> tuple[list[RequestResult], float]:
     """Send every prompt once, at most ``concurrency`` in flight (and, if ``request_rate`` is set,
     Poisson arrivals at that rate with the given seed). Streams each response over its own HTTP
@@ -446,6 +448,12 @@ async def run_requests(base_url: str, model: str, prompts: Sequence, *, concurre
     ``headers`` are added to every request and win over those defaults (``Authorization``,
     ``X-Request-Id``, ...). Returns the results, in the order of ``prompts``, and the wall duration of
     the whole run in seconds.
+
+    ``origin``: a ``time.perf_counter()`` value to measure the results' ``start``, the arrival times and
+    the duration from, instead of the moment the run begins; lets a caller put the requests on one
+    timeline with events it times itself (a replica stopped in another thread). ``arrivals``: the send
+    time of each prompt in seconds (from the origin), instead of ``request_rate``'s Poisson arrivals, for
+    a load that changes over time (a ramp).
     """
     if api not in APIS:
         raise ValueError(f"api must be one of {APIS}, got {api!r}")
@@ -455,7 +463,10 @@ async def run_requests(base_url: str, model: str, prompts: Sequence, *, concurre
     chat = api == "chat"
     if not chat and any(_is_messages(p) for p in prompts):
         raise ValueError("chat messages need api='chat'")
-    arrivals = poisson_arrivals(len(prompts), request_rate, seed)
+    if arrivals is None:
+        arrivals = poisson_arrivals(len(prompts), request_rate, seed)
+    elif len(arrivals) != len(prompts):
+        raise ValueError(f"arrivals has {len(arrivals)} times for {len(prompts)} prompts: give one per prompt")
     url = _api_base(base_url) + ("/chat/completions" if chat else "/completions")
     request_headers = {"Content-Type": "application/json",
                        "Authorization": f"Bearer {api_key or os.environ.get('OPENAI_API_KEY') or 'EMPTY'}"}
@@ -482,7 +493,7 @@ async def run_requests(base_url: str, model: str, prompts: Sequence, *, concurre
             bar = tqdm(total=len(prompts), desc=f"requests (concurrency {concurrency})", unit="req")
         async with _session(concurrency) as session:
             with _frozen_gc():
-                t0 = time.perf_counter()
+                t0 = time.perf_counter() if origin is None else origin
                 results = await asyncio.gather(*(scheduled(b, a) for b, a in zip(bodies, arrivals)))
                 duration = time.perf_counter() - t0
     finally:
@@ -508,6 +519,67 @@ def run_sync(make_coroutine):
 def run(base_url: str, model: str, prompts: Sequence, **kw) -> tuple[list[RequestResult], float]:
     """Synchronous ``run_requests`` (same arguments), through ``run_sync``."""
     return run_sync(lambda: run_requests(base_url, model, prompts, **kw))
+
+
+class OpenLoop:
+    """Open-loop load: Poisson arrivals whose rate follows ``rate_at(t)`` (requests/s, ``t`` in seconds from
+    ``origin``) until ``stop()``. Each ``chunk_s`` seconds of arrivals is one ``bench.run`` in its own thread,
+    so a slow or failed answer never delays the next arrival (a closed loop would send less when the server
+    is slow, hiding the queue an autoscaler must see). ``prompts_for(n, seed)`` makes a chunk's prompts;
+    ``run_kw`` goes to ``bench.run`` (``max_tokens`` ...). ``stop()`` returns every result, ``start`` measured
+    from ``origin``."""
+
+    def __init__(self, url: str, model: str, prompts_for, rate_at, *, origin: float, chunk_s: float = 4.0,
+                 seed: int = 0, **run_kw):
+        self.url, self.model, self.prompts_for, self.rate_at = url, model, prompts_for, rate_at
+        self.origin, self.chunk_s, self.run_kw = origin, chunk_s, run_kw
+        self._rng = np.random.default_rng(seed)
+        self._seed = seed
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._results: list = []
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._driver = threading.Thread(target=self._drive, daemon=True, name="open-loop")
+
+    def start(self) -> "OpenLoop":
+        self._driver.start()
+        return self
+
+    def _chunk(self, arrivals, prompts) -> None:
+        try:
+            results, _ = run(self.url, self.model, prompts, concurrency=len(prompts), arrivals=arrivals,
+                                   origin=self.origin, **self.run_kw)
+            with self._lock:
+                self._results.extend(results)
+        except BaseException as exc:  # noqa: BLE001  (raised again by stop(), in the caller's thread)
+            self._errors.append(exc)
+
+    def _drive(self) -> None:
+        k = 0
+        while not self._stop.is_set():
+            t_k = k * self.chunk_s
+            delay = self.origin + t_k - time.perf_counter()
+            if delay > 0 and self._stop.wait(delay):
+                break
+            n = int(self._rng.poisson(max(self.rate_at(t_k), 0.0) * self.chunk_s))
+            if n:
+                arrivals = sorted(t_k + self._rng.uniform(0, self.chunk_s, n))
+                thread = threading.Thread(target=self._chunk, daemon=True, name=f"open-loop-{k}",
+                                          args=(arrivals, self.prompts_for(n, self._seed * 1000 + k)))
+                thread.start()
+                self._threads.append(thread)
+            k += 1
+
+    def stop(self, timeout: float = 600) -> list:
+        """Send no new chunk; wait for the requests already scheduled; return all results by send time."""
+        self._stop.set()
+        self._driver.join(timeout=timeout)
+        for thread in self._threads:
+            thread.join(timeout=timeout)
+        if self._errors:
+            raise RuntimeError(f"the load generator failed: {self._errors[0]!r}") from self._errors[0]
+        return sorted(self._results, key=lambda r: r.start)
 
 
 # -- workloads --------------------------------------------------------------------------------------
