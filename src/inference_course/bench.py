@@ -549,7 +549,7 @@ class OpenLoop:
     def _chunk(self, arrivals, prompts) -> None:
         try:
             results, _ = run(self.url, self.model, prompts, concurrency=len(prompts), arrivals=arrivals,
-                                   origin=self.origin, **self.run_kw)
+                             origin=self.origin, **self.run_kw)
             with self._lock:
                 self._results.extend(results)
         except BaseException as exc:  # noqa: BLE001  (raised again by stop(), in the caller's thread)
