@@ -1,4 +1,5 @@
 """`vllm serve` through the managed-server module: a real OpenAI-compatible server on the course model."""
+import psutil
 import pytest
 
 from inference_course import servers
@@ -24,4 +25,22 @@ def test_vllm_serve_answers_openai_clients_and_stops_completely():
         assert len(chunks) > 1, "streaming returned a single chunk"
         pgid = server.pid
         assert server.cmd[server.cmd.index("--dtype") + 1] == get_profile().vllm_dtype
+        # The profile's engine environment took effect: on cpu (VLLM_ENABLE_V1_MULTIPROCESSING=0) the model
+        # runs in the EngineCore process, with no worker process beside it.
+        names = [" ".join(p.cmdline()) for p in psutil.Process(server.pid).children(recursive=True)]
+        assert any("EngineCore" in n for n in names), names
+        expect_worker = dict(get_profile().vllm_env).get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "1"
+        if get_profile().device == "cpu":
+            assert any("Worker" in n for n in names) == expect_worker, names
     assert servers.group_members(pgid) == [], "vLLM engine processes outlived the server's stop()"
+
+
+def test_the_profile_engine_environment_reaches_vllm_serve_and_an_explicit_env_overrides_it():
+    profile = get_profile()
+    plain = servers.vllm_server("some/model", port=1)
+    for name, value in profile.vllm_env:
+        assert plain.env[name] == value
+    pinned = servers.vllm_server("some/model", port=1, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert pinned.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    gateway = servers.service_server("some/model", upstream="http://127.0.0.1:1", port=1)
+    assert not set(dict(profile.vllm_env)) & set(gateway.env), "a gateway starts no engine"

@@ -76,6 +76,10 @@ def setup(seed: int = 0, quiet: bool = False):
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if "transformers" in sys.modules:
         sys.modules["transformers"].logging.set_verbosity_error()
+    # The profile's engine environment (cpu: the model runs inside the engine, no worker process; see
+    # profiles.CPU.vllm_env), for the engines this kernel creates and the servers it starts.
+    for name, value in get_profile().vllm_env:
+        os.environ.setdefault(name, value)
     guard_kernel()
     lab = find_lab_dir()
     if lab and str(lab) not in sys.path:

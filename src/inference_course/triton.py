@@ -148,6 +148,9 @@ def server_env() -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     paths = [p for p in sys.path if p and os.path.isdir(p)]
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    from .profiles import get_profile
+
+    env.update(get_profile().vllm_env)  # for the vLLM engines that Python-backend models start
     return env
 
 
