@@ -348,7 +348,12 @@ def quantize_int8(onnx_path, out_path, calibration_reader=None, max_feeds: int =
     """An int8 copy of the ONNX graph: static QDQ quantization (per-channel weights, activations calibrated
     on ``calibration_reader``'s batches, an ``onnxruntime.quantization.CalibrationDataReader``) or, with no
     reader, dynamic quantization (weights only; activations quantized per batch at run time). At most
-    ``max_feeds`` batches are read, so that a reader which never returns None cannot calibrate forever."""
+    ``max_feeds`` batches are read, so that a reader which never returns None cannot calibrate forever.
+    Weights use 7 bits (``reduce_range``): x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) multiply int8
+    with an instruction whose 16-bit intermediate sums can saturate, which changed classes of this CNN on an
+    AVX2-only CI machine (top-1 agreement below 0.9) and not on VNNI machines; 7-bit weights cannot
+    saturate it (ONNX Runtime's ``reduce_range``: "7-bit quantization for better accuracy on non-VNNI CPUs";
+    OpenVINO documents the same saturation issue and workaround)."""
     import logging
 
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
@@ -370,10 +375,11 @@ def quantize_int8(onnx_path, out_path, calibration_reader=None, max_feeds: int =
     level, root.level = root.level, logging.ERROR  # quiet the "consider pre-processing" advice
     try:
         if calibration_reader is None:
-            quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8, reduce_range=True)
         else:
             quantize_static(str(onnx_path), str(out_path), calibration_reader, quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            reduce_range=True)
     finally:
         root.level = level
     return out_path
