@@ -411,3 +411,19 @@ def test_stream_clients_count_every_token_of_a_multi_token_response(tmp_path):
     assert second.ok and second.output_tokens == 3 and len(second.itl) == 1  # responses of 1 and 2 tokens
     assert 0 < first.ttft < first.latency <= duration
     assert all(gap > 0.01 for gap in first.itl)  # the model sleeps 20 ms before each response
+
+
+def test_cpu_int8_instructions_reads_the_flags_and_quantize_int8_takes_7_bit_weights_without_them(artifacts, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    assert H.cpu_int8_instructions("flags : fpu avx2 avx512f") == []
+    assert H.cpu_int8_instructions("flags : avx2 avx_vnni amx_int8") == ["avx_vnni", "amx_int8"]
+
+    def widest_weight(path):
+        return max(int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
+                   for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8)
+
+    seven = H.quantize_int8(artifacts["model.onnx"], tmp_path / "seven.onnx", reduce_range=True)
+    eight = H.quantize_int8(artifacts["model.onnx"], tmp_path / "eight.onnx", reduce_range=False)
+    assert widest_weight(seven) <= 64 < widest_weight(eight) <= 127, (widest_weight(seven), widest_weight(eight))
