@@ -1,4 +1,6 @@
 """`vllm serve` through the managed-server module: a real OpenAI-compatible server on the course model."""
+import os
+
 import psutil
 import pytest
 
@@ -44,3 +46,19 @@ def test_the_profile_engine_environment_reaches_vllm_serve_and_an_explicit_env_o
     assert pinned.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
     gateway = servers.service_server("some/model", upstream="http://127.0.0.1:1", port=1)
     assert not set(dict(profile.vllm_env)) & set(gateway.env), "a gateway starts no engine"
+
+
+def test_the_service_profile_engine_flag_applies_the_profile_engine_environment(monkeypatch):
+    """The container's entrypoint passes --profile-engine: the service inside it must run the engine the way
+    servers.service_server runs it on the host, or the lab compares two different engines."""
+    from inference_course.service.__main__ import config_from_args, parse_args
+
+    profile = get_profile()
+    for name, _ in profile.vllm_env:
+        monkeypatch.delenv(name, raising=False)
+    config = config_from_args(parse_args(["--model", "m", "--profile-engine"]))
+    assert config.engine_kwargs["dtype"] == profile.vllm_dtype
+    for name, value in profile.vllm_env:
+        assert os.environ[name] == value
+    host = servers.service_server("m", port=1)
+    assert all(host.env[name] == value for name, value in profile.vllm_env)

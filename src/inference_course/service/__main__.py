@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="vLLM engine argument (AsyncEngineArgs field), repeatable: --engine-arg max_num_seqs=8")
     p.add_argument("--profile-engine", action="store_true",
-                   help="start from the course profile's engine settings (dtype, max_model_len, memory, eager)")
+                   help="start from the course profile's engine settings (dtype, max_model_len, memory, eager) "
+                        "and its engine environment (profiles.Profile.vllm_env)")
     return p.parse_args(argv)
 
 
@@ -61,7 +62,12 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     if args.profile_engine:
         from ..profiles import get_profile
 
-        engine.update(get_profile().vllm_engine_kwargs())
+        profile = get_profile()
+        engine.update(profile.vllm_engine_kwargs())
+        # and the profile's engine environment (cpu: the model runs inside the EngineCore process, no
+        # worker process), the same as servers.service_server gives a service started on the host
+        for name, value in profile.vllm_env:
+            os.environ.setdefault(name, value)
     for item in args.engine_arg:
         name, sep, value = item.partition("=")
         if not sep:
