@@ -59,6 +59,30 @@ def test_context_manager_serves_then_stops():
     assert server not in servers.running_servers()
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores to pin to one of them")
+def test_cpus_pins_the_server_and_the_processes_it_starts_later(tmp_path):
+    core = max(os.sched_getaffinity(0))
+    # The child is started after a delay, as vLLM starts its EngineCore after its imports.
+    script = tmp_path / "spawn.py"
+    script.write_text(textwrap.dedent("""
+        import subprocess, sys, time
+        time.sleep(0.5)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print("child", child.pid, flush=True)
+        import http.server
+        http.server.test(HandlerClass=http.server.SimpleHTTPRequestHandler, port=int(sys.argv[1]), bind="127.0.0.1")
+    """))
+    port = free_port()
+    server = ManagedServer("spawner", [sys.executable, str(script), str(port)], port=port, startup_timeout=20,
+                           cpus=[core])
+    with server:
+        assert os.sched_getaffinity(server.pid) == {core}
+        child = int(next(line.split()[1] for line in server.log_path.read_text().splitlines()
+                         if line.startswith("child ")))
+        assert os.sched_getaffinity(child) == {core}
+    assert os.sched_getaffinity(0) != {core}, "pinning the server must not pin the caller"
+
+
 def test_stop_kills_the_whole_process_group(tmp_path):
     # A "server" that starts a grandchild which ignores SIGTERM, like engine worker processes can.
     script = tmp_path / "parent.py"

@@ -32,7 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ._reaper import group_members
@@ -82,6 +82,7 @@ class ManagedServer:
         startup_timeout: float = 120.0,
         log_path: str | os.PathLike | None = None,
         ports: dict[str, int] | None = None,
+        cpus: Iterable[int] | None = None,
     ):
         self.name = name
         self.cmd = [str(c) for c in cmd]
@@ -91,6 +92,9 @@ class ManagedServer:
         self.ready_check = ready_check
         self.env = env
         self.cwd = str(cwd) if cwd else None
+        # CPU cores the process (and every process it starts, which inherit the mask) may run on, like
+        # `taskset -c` or a Kubernetes cpuset; None: all of them.
+        self.cpus = sorted(set(cpus)) if cpus is not None else None
         self.startup_timeout = startup_timeout
         if log_path is None:
             log_dir = Path(tempfile.gettempdir()) / "inference-course-logs"
@@ -144,6 +148,9 @@ class ManagedServer:
         except FileNotFoundError as exc:
             self._log.close()
             raise ServerError(f"{self.name}: cannot run {self.cmd[0]!r}: {exc}. Is it installed?") from exc
+        if self.cpus is not None:
+            # Set before the process has started any thread or child of its own (it is still importing).
+            os.sched_setaffinity(self.process.pid, self.cpus)
         self.started_at = time.monotonic()
         with _LOCK:
             _RUNNING[self.process.pid] = self
@@ -290,8 +297,10 @@ atexit.register(stop_all)
 # -- the servers the labs use -----------------------------------------------------------------------
 
 def vllm_server(model: str, *, profile=None, port: int | None = None, extra_args: Sequence[str] = (),
-                served_name: str | None = None, env: dict | None = None, **engine_overrides) -> ManagedServer:
-    """``vllm serve`` (OpenAI-compatible API) for ``model`` with the profile's engine settings."""
+                served_name: str | None = None, env: dict | None = None, cpus: Iterable[int] | None = None,
+                **engine_overrides) -> ManagedServer:
+    """``vllm serve`` (OpenAI-compatible API) for ``model`` with the profile's engine settings; ``cpus``:
+    the cores it may run on (all of its processes), e.g. one core per replica."""
     from .profiles import get_profile
 
     profile = profile or get_profile()
@@ -309,7 +318,7 @@ def vllm_server(model: str, *, profile=None, port: int | None = None, extra_args
     # is then read from /health (vLLM's listener only opens once the engine is up, on 0.24 and 0.32).
     keyed = "--api-key" in cmd or "VLLM_API_KEY" in (env or {})
     return ManagedServer("vllm", cmd, port=port, ready_path="/health" if keyed else "/v1/models",
-                         startup_timeout=profile.engine_start_timeout_s,
+                         startup_timeout=profile.engine_start_timeout_s, cpus=cpus,
                          env={"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_LOGGING_LEVEL": "INFO",
                               **dict(profile.vllm_env), **(env or {})})
 
