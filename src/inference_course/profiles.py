@@ -121,8 +121,9 @@ CPU = Profile(
     # EngineCore, no worker; `vllm.LLM`: in the caller's process) on both cores. Measured on the 2-core CI
     # machine (2026-12-02, embedded model, fp32): `vllm serve` ready in 31-34 s instead of 44-62 s and
     # 186-205 instead of 120 tok/s at 16 concurrent streams; `LLM()` ready in 19 s instead of 45 s and
-    # 190 instead of 118 tok/s. Pinning a replica to one core (VLLM_CPU_OMP_THREADS_BIND, Lab 2.4) needs
-    # the worker process: set VLLM_ENABLE_V1_MULTIPROCESSING=1 beside it.
+    # 190 instead of 118 tok/s. vLLM's own core pinning (VLLM_CPU_OMP_THREADS_BIND) is done by the worker
+    # process and needs VLLM_ENABLE_V1_MULTIPROCESSING=1 beside it; Lab 2.4 pins a replica with the CPU
+    # affinity of all its processes instead (servers.vllm_server(cpus=...)).
     vllm_env=(("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),),
     notes="2 cores / 24 GiB class laptop or CI runner; the embedded 135M model only.",
 )
