@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -24,8 +23,7 @@ def main() -> int:
     from .profiles import get_profile
 
     profile = get_profile()
-    for name, value in profile.vllm_env:  # the engine the labs run (cpu: no worker process)
-        os.environ.setdefault(name, value)
+    profile.apply_vllm_env()  # the engine the labs run (cpu: no worker process)
     model = resolve_model()
     started = time.monotonic()
     from vllm import LLM, SamplingParams

@@ -78,8 +78,7 @@ def setup(seed: int = 0, quiet: bool = False):
         sys.modules["transformers"].logging.set_verbosity_error()
     # The profile's engine environment (cpu: the model runs inside the engine, no worker process; see
     # profiles.CPU.vllm_env), for the engines this kernel creates and the servers it starts.
-    for name, value in get_profile().vllm_env:
-        os.environ.setdefault(name, value)
+    get_profile().apply_vllm_env()
     guard_kernel()
     lab = find_lab_dir()
     if lab and str(lab) not in sys.path:

@@ -68,6 +68,12 @@ class Profile:
         kw.update(overrides)
         return kw
 
+    def apply_vllm_env(self) -> None:
+        """Put ``vllm_env`` into this process's environment (without overriding what is set already), for
+        the engines it creates and the processes it starts."""
+        for name, value in self.vllm_env:
+            os.environ.setdefault(name, value)
+
     def serving_engine_kwargs(self) -> dict:
         """Engine keyword arguments for a server that runs the labs' small workloads: on the cpu profile a
         fixed KV cache (``kv_cache_memory_bytes``), on the gpu profile nothing (the profile's sizing)."""

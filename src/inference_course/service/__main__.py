@@ -66,8 +66,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         engine.update(profile.vllm_engine_kwargs())
         # and the profile's engine environment (cpu: the model runs inside the EngineCore process, no
         # worker process), the same as servers.service_server gives a service started on the host
-        for name, value in profile.vllm_env:
-            os.environ.setdefault(name, value)
+        profile.apply_vllm_env()
     for item in args.engine_arg:
         name, sep, value = item.partition("=")
         if not sep:
