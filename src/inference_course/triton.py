@@ -387,6 +387,52 @@ def diff_text(old: str | os.PathLike, new: str | os.PathLike, *, old_label: str 
 
 
 
+# -- traces ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Span:
+    """One traced request of Triton's trace mode ``triton``: a model's request, or a child request an
+    ensemble step or a BLS call made (``parent_id`` names the request that made it)."""
+    id: int
+    model: str
+    parent_id: int | None
+    timestamps: dict[str, int]  # name (REQUEST_START, QUEUE_START, COMPUTE_START, ...) -> ns
+
+    def ms(self, start: str, end: str) -> float:
+        """Milliseconds from timestamp ``start`` to ``end``; KeyError names what the span has."""
+        missing = [name for name in (start, end) if name not in self.timestamps]
+        if missing:
+            raise KeyError(f"span {self.id} ({self.model}) has no {missing}; it has {sorted(self.timestamps)}")
+        return (self.timestamps[end] - self.timestamps[start]) / 1e6
+
+
+def read_traces(paths) -> list[Span]:
+    """The spans in trace files written with ``--trace-config triton,file=...`` (``mode=triton``,
+    ``level=TIMESTAMPS``; with ``log_frequency`` N each N traces go to ``<file>.<k>``).
+
+    Each file is a JSON array of records that share an ``id``: one names the model (and ``parent_id`` for
+    a child request), the others each carry timestamps. They are merged into one ``Span`` per id, in the
+    order of their REQUEST_START. A record of an id never named (a file cut by a crash) raises."""
+    spans: dict[int, dict] = {}
+    for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths):
+        text = Path(path).read_text().strip()
+        if not text:
+            continue
+        for record in json.loads(text):
+            span = spans.setdefault(int(record["id"]), {"model": None, "parent_id": None, "timestamps": {}})
+            if "model_name" in record:
+                span["model"] = record["model_name"]
+                span["parent_id"] = int(record["parent_id"]) if "parent_id" in record else None
+            for stamp in record.get("timestamps", ()):
+                span["timestamps"][stamp["name"]] = int(stamp["ns"])
+    unnamed = [i for i, span in spans.items() if span["model"] is None]
+    if unnamed:
+        raise ValueError(f"trace ids {unnamed} have timestamps but no model_name record: a file is incomplete")
+    out = [Span(i, s["model"], s["parent_id"], s["timestamps"]) for i, s in spans.items()]
+    return sorted(out, key=lambda s: s.timestamps.get("REQUEST_START", 0))
+
+
 def tree(root: str | os.PathLike) -> str:
     """The files under ``root`` as an indented listing (what ``tree`` would print); ``__pycache__`` left out."""
     root = Path(root)

@@ -1,0 +1,190 @@
+"""Helpers of Triton Lab 2.4 (Enterprise Features): what only this lab teaches.
+
+The models themselves are files in ``model_repository/`` (open them); this module copies them into a run's
+repository with the values of the run, builds the requests the notebooks send, drives the external load
+tool (``hey``), and turns Triton's traces and statistics into per-hop times.
+
+Text crosses every model of this lab as its UTF-8 bytes in a UINT8 tensor (see
+``model_repository/tokenize/config.pbtxt`` for why not TYPE_STRING).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from inference_course import triton
+
+MODEL_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+
+# notebook 01: the text pipeline, its three steps and the three ways of chaining them on the server
+STEPS = ("tokenize", "lm_step", "detokenize")
+PIPELINES = {"ensemble": "pipeline_ensemble", "bls": "pipeline_bls", "fused": "pipeline_fused"}
+ON_MODEL = ("lm_step", "pipeline_fused")  # the models that run the language model (KIND_GPU on a GPU)
+
+
+def write_pipeline_models(repository, model_dir, *, kind: str = "KIND_CPU", threads: int = 0,
+                          max_tokens: int = 16) -> dict[str, Path]:
+    """Copy the six models of notebook 01 into ``repository`` with the model folder filled in. ``kind``
+    is the instance kind of the two models that run the language model; the tokenizer models and the BLS
+    model stay on the CPU (they run no tensor work worth a GPU). ``threads``: torch threads per model
+    instance (0: torch's default)."""
+    written = {}
+    for name in (*STEPS, PIPELINES["bls"], PIPELINES["fused"]):
+        config = (MODEL_REPOSITORY / name / "config.pbtxt").read_text()
+        params = {"model_dir": str(model_dir)}
+        if '"threads"' in config:
+            params["threads"] = threads
+        if '"max_tokens"' in config:
+            params["max_tokens"] = max_tokens
+        replace = {"kind: KIND_CPU": f"kind: {kind}"} if name in ON_MODEL and kind != "KIND_CPU" else None
+        written[name] = triton.copy_model(MODEL_REPOSITORY, name, repository, parameters=params, replace=replace)
+    written[PIPELINES["ensemble"]] = triton.copy_model(MODEL_REPOSITORY, PIPELINES["ensemble"], repository)
+    return written
+
+
+# -- requests -------------------------------------------------------------------------------------------
+
+
+def text_bytes(text: str) -> np.ndarray:
+    """A string as the UINT8 tensor the lab's models read."""
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def decode_text(array) -> str:
+    """The UINT8 tensor a model returned, as a string."""
+    return bytes(np.asarray(array, dtype=np.uint8).reshape(-1)).decode("utf-8")
+
+
+def http_inputs(text: str | None = None, max_tokens: int | None = None, **tensors):
+    """``tritonclient.http.InferInput`` objects: ``TEXT`` (UINT8), ``MAX_TOKENS`` (INT32) and any other
+    ``name=numpy array`` (INT64 arrays become INT64 inputs, and so on)."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    arrays = {}
+    if text is not None:
+        arrays["TEXT"] = text_bytes(text)
+    if max_tokens is not None:
+        arrays["MAX_TOKENS"] = np.array([max_tokens], dtype=np.int32)
+    arrays.update(tensors)
+    inputs = []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        item = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return inputs
+
+
+def json_body(text: str, max_tokens: int | None = None) -> dict:
+    """The KServe v2 JSON body of a request to a pipeline model (what ``hey`` posts)."""
+    data = list(text.encode("utf-8"))
+    inputs = [{"name": "TEXT", "shape": [len(data)], "datatype": "UINT8", "data": data}]
+    if max_tokens is not None:
+        inputs.append({"name": "MAX_TOKENS", "shape": [1], "datatype": "INT32", "data": [int(max_tokens)]})
+    return {"inputs": inputs}
+
+
+def client_side(client, text: str) -> tuple[str, int]:
+    """The pipeline chained by the client: three requests, the tensors travelling back and forth.
+    Returns the next token's text and its id."""
+    ids = client.infer("tokenize", http_inputs(text)).as_numpy("INPUT_IDS")
+    next_id = client.infer("lm_step", http_inputs(INPUT_IDS=ids)).as_numpy("NEXT_ID")
+    out = client.infer("detokenize", http_inputs(TOKEN_IDS=next_id)).as_numpy("TEXT")
+    return decode_text(out), int(next_id.reshape(-1)[0])
+
+
+def client_side_loop(client, text: str, max_tokens: int, eos_ids) -> tuple[str, int]:
+    """The BLS model's loop run by the client: one lm_step request per new token. Returns the text and the
+    number of steps."""
+    sequence = client.infer("tokenize", http_inputs(text)).as_numpy("INPUT_IDS").reshape(-1)
+    new = []
+    while len(new) < max_tokens:
+        token = int(client.infer("lm_step", http_inputs(INPUT_IDS=sequence)).as_numpy("NEXT_ID").reshape(-1)[0])
+        new.append(token)
+        if token in eos_ids:
+            break
+        sequence = np.append(sequence, np.int64(token))
+    out = client.infer("detokenize", http_inputs(TOKEN_IDS=np.asarray(new, dtype=np.int64))).as_numpy("TEXT")
+    return decode_text(out), len(new)
+
+
+# -- the external load tool ------------------------------------------------------------------------------
+
+
+def find_hey() -> str:
+    """The ``hey`` binary (a Go HTTP load generator; Debian package ``hey``), or a FileNotFoundError with the fix."""
+    found = shutil.which("hey")
+    if not found:
+        raise FileNotFoundError("hey (an HTTP load generator) is not on PATH: `apt-get install hey` on Debian/Ubuntu, "
+                                "or `go install github.com/rakyll/hey@latest`")
+    return found
+
+
+def hey(url: str, body: dict, *, requests: int, concurrency: int = 1, timeout_s: int = 60) -> dict:
+    """Post ``body`` (JSON) to ``url`` ``requests`` times with ``hey`` and return its per-request records:
+    ``{"seconds": [...], "status": [...]}`` (from ``hey -o csv``: response time, HTTP status)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(body, f)
+    try:
+        done = subprocess.run([find_hey(), "-n", str(requests), "-c", str(concurrency), "-m", "POST",
+                               "-T", "application/json", "-D", f.name, "-t", str(timeout_s), "-o", "csv", url],
+                              capture_output=True, text=True, timeout=timeout_s * requests + 60)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"hey exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    if len(rows) != requests:
+        raise RuntimeError(f"hey reported {len(rows)} requests, expected {requests}: {done.stdout[-500:]}")
+    return {"seconds": [float(r["response-time"]) for r in rows], "status": [int(r["status-code"]) for r in rows]}
+
+
+# -- traces and statistics ----------------------------------------------------------------------------------
+
+
+def trace_tree(spans, root_model: str) -> list[tuple[triton.Span, list[triton.Span]]]:
+    """Each traced request of ``root_model`` with its child requests (ensemble steps or BLS calls), the
+    children in the order they started."""
+    children: dict[int, list] = {}
+    for span in spans:
+        if span.parent_id is not None:
+            children.setdefault(span.parent_id, []).append(span)
+    return [(span, sorted(children.get(span.id, []), key=lambda s: s.timestamps["REQUEST_START"]))
+            for span in spans if span.model == root_model and span.parent_id is None]
+
+
+def span_phases(span: triton.Span) -> dict[str, float]:
+    """A model's request split as the statistics API splits it, in ms: queue, compute_input, compute_infer,
+    compute_output, and the request's whole time (request)."""
+    return {"queue": span.ms("QUEUE_START", "COMPUTE_START"),
+            "compute_input": span.ms("COMPUTE_START", "COMPUTE_INPUT_END"),
+            "compute_infer": span.ms("COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START"),
+            "compute_output": span.ms("COMPUTE_OUTPUT_START", "COMPUTE_END"),
+            "request": span.ms("REQUEST_START", "REQUEST_END")}
+
+
+def stats_delta(before: dict, after: dict) -> dict[str, float]:
+    """Per-request averages (ms) of one model's statistics between two snapshots
+    (``get_inference_statistics(name)["model_stats"][0]``): success (the whole request), queue,
+    compute_input, compute_infer, compute_output, and the request count."""
+    out = {}
+    count = int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"]["count"])
+    for phase in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        ns = int(after["inference_stats"][phase]["ns"]) - int(before["inference_stats"][phase]["ns"])
+        out[phase] = ns / count / 1e6 if count else float("nan")
+    out["count"] = count
+    return out
+
+
+def median(values) -> float:
+    return float(statistics.median(values))

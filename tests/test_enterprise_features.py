@@ -1,0 +1,218 @@
+"""Triton Lab 2.4 (Enterprise Features): every model the lab ships, served by the real tritonserver, and the
+package's trace reader.
+
+The text pipeline of notebook 01 (tokenize, lm_step, detokenize; chained as an ensemble, by BLS and fused)
+runs on the embedded model: the four ways give the same answer, the BLS loop stops at the end of sequence,
+bad requests are refused with their reason, and Triton's traces link every child request to its parent.
+"""
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference_course import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB24 = ROOT / "02-Labs/Triton_Track/Lab-2.4-Enterprise_Features"
+sys.path.insert(0, str(LAB24))
+
+import enterprise_features_helpers as H  # noqa: E402
+
+PROMPT = "What is the capital of France?"
+
+
+# -- the trace reader, on files written the way tritonserver 2.51 writes them ------------------------------
+
+
+def _write(path, records):
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_read_traces_merges_records_by_id_across_files(tmp_path):
+    a = _write(tmp_path / "t.json.0", [
+        {"id": 2, "model_name": "step", "model_version": 1, "parent_id": 1},
+        {"id": 2, "timestamps": [{"name": "REQUEST_START", "ns": 2_000_000}]},
+        {"id": 2, "timestamps": [{"name": "REQUEST_END", "ns": 5_000_000}]},
+        {"id": 1, "timestamps": [{"name": "HTTP_RECV_START", "ns": 500_000}]},
+        {"id": 1, "model_name": "ens", "model_version": 1},
+        {"id": 1, "timestamps": [{"name": "REQUEST_START", "ns": 1_000_000}]},
+    ])
+    b = _write(tmp_path / "t.json.1", [{"id": 1, "timestamps": [{"name": "REQUEST_END", "ns": 6_000_000}]}])
+    (tmp_path / "t.json.2").write_text("")  # a file the server opened and had nothing to write to
+    spans = triton.read_traces([a, b, tmp_path / "t.json.2"])
+    assert [(s.id, s.model, s.parent_id) for s in spans] == [(1, "ens", None), (2, "step", 1)]
+    assert spans[0].ms("REQUEST_START", "REQUEST_END") == 5.0
+    assert spans[1].ms("REQUEST_START", "REQUEST_END") == 3.0
+    with pytest.raises(KeyError, match="COMPUTE_START"):
+        spans[1].ms("COMPUTE_START", "REQUEST_END")
+
+
+def test_read_traces_refuses_an_incomplete_file(tmp_path):
+    path = _write(tmp_path / "t.json", [{"id": 7, "timestamps": [{"name": "REQUEST_START", "ns": 1}]}])
+    with pytest.raises(ValueError, match=r"\[7\].*no model_name"):
+        triton.read_traces(path)
+
+
+def test_trace_tree_and_phases():
+    stamps = dict(REQUEST_START=0, QUEUE_START=1_000_000, COMPUTE_START=2_000_000, COMPUTE_INPUT_END=3_000_000,
+                  COMPUTE_OUTPUT_START=7_000_000, COMPUTE_END=8_000_000, REQUEST_END=9_000_000)
+    root = triton.Span(1, "pipeline_ensemble", None, {"REQUEST_START": 0, "REQUEST_END": 10})
+    late = triton.Span(3, "b", 1, {**stamps, "REQUEST_START": 5})
+    early = triton.Span(2, "a", 1, stamps)
+    other = triton.Span(4, "pipeline_bls", None, {"REQUEST_START": 0})
+    assert H.trace_tree([root, late, early, other], "pipeline_ensemble") == [(root, [early, late])]
+    assert H.span_phases(early) == {"queue": 1.0, "compute_input": 1.0, "compute_infer": 4.0,
+                                    "compute_output": 1.0, "request": 9.0}
+
+
+def test_stats_delta_per_request():
+    def snap(ns, count):
+        return {"inference_stats": {k: {"ns": str(ns), "count": str(count)} for k in
+                                    ("success", "queue", "compute_input", "compute_infer", "compute_output")}}
+    out = H.stats_delta(snap(1_000_000, 1), snap(7_000_000, 4))
+    assert out["count"] == 3 and out["success"] == 2.0 and out["compute_infer"] == 2.0
+
+
+def test_text_round_trip_and_json_body():
+    text = "台北 is 101"
+    assert H.decode_text(H.text_bytes(text)) == text
+    body = H.json_body(text, max_tokens=3)
+    assert body["inputs"][0]["datatype"] == "UINT8" and bytes(body["inputs"][0]["data"]).decode() == text
+    assert body["inputs"][0]["shape"] == [len(text.encode())]
+    assert body["inputs"][1] == {"name": "MAX_TOKENS", "shape": [1], "datatype": "INT32", "data": [3]}
+
+
+# -- the real server with every model of notebook 01 --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline_server(tmp_path_factory):
+    from inference_course.models import resolve_model
+    import tritonclient.http as httpclient
+
+    model_dir = resolve_model()
+    workdir = tmp_path_factory.mktemp("triton24")
+    repo = workdir / "model_repository"
+    written = H.write_pipeline_models(repo, model_dir)
+    trace_file = workdir / "trace.json"
+    with triton.triton_server(repo, model_control_mode="explicit", load_models=["*"], exit_timeout_s=2,
+                              startup_timeout=300,
+                              extra_args=[f"--trace-config=triton,file={trace_file}", "--trace-config=level=OFF",
+                                          "--trace-config=rate=1"]) as server:
+        client = httpclient.InferenceServerClient(triton.http_url(server), network_timeout=300)
+        try:
+            yield server, client, written, trace_file, model_dir
+        finally:
+            client.close()
+    assert not server.running()
+
+
+def _answer(client, model, **kw):
+    result = client.infer(model, H.http_inputs(PROMPT, **kw))
+    steps = result.as_numpy("STEPS") if model != H.PIPELINES["ensemble"] else None
+    return H.decode_text(result.as_numpy("OUTPUT_TEXT")), (None if steps is None else int(steps[0]))
+
+
+@pytest.mark.engine
+def test_every_model_of_the_lab_loads(pipeline_server):
+    _, client, written, _, _ = pipeline_server
+    on_disk = {p.parent.name for p in (LAB24 / "model_repository").glob("*/config.pbtxt")}
+    assert set(written) == on_disk, f"notebook 01 writes {sorted(written)}, the lab ships {sorted(on_disk)}"
+    assert all(client.is_model_ready(name) for name in written)
+
+
+@pytest.mark.engine
+def test_four_ways_give_the_same_next_token(pipeline_server):
+    _, client, _, _, _ = pipeline_server
+    by_client, token_id = H.client_side(client, PROMPT)
+    ensemble, _ = _answer(client, H.PIPELINES["ensemble"])
+    bls, bls_steps = _answer(client, H.PIPELINES["bls"], max_tokens=1)
+    fused, fused_steps = _answer(client, H.PIPELINES["fused"], max_tokens=1)
+    assert by_client and by_client == ensemble == bls == fused
+    assert bls_steps == fused_steps == 1
+    confidence = client.infer(H.PIPELINES["ensemble"], H.http_inputs(PROMPT)).as_numpy("CONFIDENCE")
+    assert 0.0 < float(confidence[0]) <= 1.0
+
+
+@pytest.mark.engine
+def test_the_bls_loop_stops_at_the_end_of_sequence_like_the_client_loop(pipeline_server):
+    from transformers import GenerationConfig
+
+    _, client, _, _, model_dir = pipeline_server
+    eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    bls = _answer(client, H.PIPELINES["bls"], max_tokens=24)
+    fused = _answer(client, H.PIPELINES["fused"], max_tokens=24)
+    by_client = H.client_side_loop(client, PROMPT, 24, eos)
+    assert bls == fused == by_client
+    assert "Paris" in bls[0] and bls[1] < 24, bls
+    # a limit below the answer's length cuts it: the loop ran exactly MAX_TOKENS steps
+    assert _answer(client, H.PIPELINES["bls"], max_tokens=2)[1] == 2
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("label,kw,reason", [
+    ("zero tokens", dict(text=PROMPT, max_tokens=0), "MAX_TOKENS is 0: ask for at least 1 token"),
+    ("invalid UTF-8", dict(TEXT=np.array([0xFF, 0xFE], dtype=np.uint8), MAX_TOKENS=np.array([1], dtype=np.int32)),
+     "can't decode byte 0xff"),
+])
+def test_bad_requests_are_refused_with_their_reason_and_the_server_keeps_serving(pipeline_server, label, kw, reason):
+    from tritonclient.utils import InferenceServerException
+
+    _, client, _, _, _ = pipeline_server
+    for model in (H.PIPELINES["bls"], H.PIPELINES["fused"]):
+        with pytest.raises(InferenceServerException, match=reason):
+            client.infer(model, H.http_inputs(**kw))
+    with pytest.raises(InferenceServerException, match="INPUT_IDS is empty"):
+        client.infer("lm_step", H.http_inputs(INPUT_IDS=np.zeros(0, dtype=np.int64)))
+    assert _answer(client, H.PIPELINES["bls"], max_tokens=1)[1] == 1
+
+
+@pytest.mark.engine
+def test_traces_link_ensemble_steps_and_bls_calls_to_their_parent(pipeline_server):
+    _, client, _, trace_file, _ = pipeline_server
+    for old in trace_file.parent.glob(trace_file.name + ".*"):
+        old.unlink()
+    client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "trace_count": "-1",
+                                           "log_frequency": "1"})
+    try:
+        client.infer(H.PIPELINES["ensemble"], H.http_inputs(PROMPT))
+        _, steps = _answer(client, H.PIPELINES["bls"], max_tokens=3)
+    finally:
+        client.update_trace_settings(settings={"trace_level": ["OFF"]})
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            spans = triton.read_traces(sorted(trace_file.parent.glob(trace_file.name + ".*")))
+            if len(H.trace_tree(spans, H.PIPELINES["bls"])) == 1:
+                break
+        except ValueError:  # a file being written
+            pass
+        assert time.monotonic() < deadline, "the traces did not reach their files within 10 s"
+        time.sleep(0.2)
+    (ens, ens_children), = H.trace_tree(spans, H.PIPELINES["ensemble"])
+    assert [c.model for c in ens_children] == list(H.STEPS)
+    assert all(c.parent_id == ens.id for c in ens_children)
+    (bls, bls_children), = H.trace_tree(spans, H.PIPELINES["bls"])
+    assert [c.model for c in bls_children] == ["tokenize"] + ["lm_step"] * steps + ["detokenize"]
+    assert all(c.parent_id == bls.id for c in bls_children)
+    for span in ens_children + bls_children:
+        phases = H.span_phases(span)
+        assert all(v >= 0 for v in phases.values()), (span, phases)
+
+
+@pytest.mark.engine
+def test_hey_posts_json_bodies_to_the_ensemble(pipeline_server):
+    if not shutil.which("hey"):
+        pytest.skip("hey is not installed (`apt-get install hey`; .ci/run installs it)")
+    server, _, _, _, _ = pipeline_server
+    url = f"http://{triton.http_url(server)}/v2/models/{H.PIPELINES['ensemble']}/infer"
+    run = H.hey(url, H.json_body(PROMPT), requests=3)
+    assert run["status"] == [200, 200, 200] and all(s > 0 for s in run["seconds"])
+    bad = H.hey(url, {"inputs": [{"name": "NOPE", "shape": [1], "datatype": "UINT8", "data": [1]}]}, requests=1)
+    assert bad["status"] == [400]
