@@ -11,7 +11,8 @@ What was missing on the H200 run of 2026-11-30, and how each part carries it:
   a second (its wheel is ~59 MB: over stage.py's 48 MB parts, under the 64 MiB one transfer may carry with
   the working tree). A wheel whose project the main parts already hold in another version is left out: two
   versions of one project stop pip's install there (seen with greenlet).
-- promtools.tar: Debian's prometheus, promtool, alertmanager and amtool (they link only libc), xz-compressed;
+- promtools.tar: Debian's prometheus, promtool, alertmanager, amtool and hey (Triton Lab 2.4/01; they link only libc),
+  xz-compressed;
   unpacked into /root/promtools, which the scripts put on PATH.
 - rootfs-alertmanager.tar: Debian's Alertmanager reads /usr/share/prometheus/alertmanager/default.tmpl and
   fails to apply its config without it (Lab 2.5/03 failed so); the scripts unpack rootfs-*.tar under /.
@@ -33,7 +34,7 @@ WHEELS = ["locust>=2.40", "oteltest>=0.49", "onnx==1.23.2", "onnxruntime==1.32.0
           "nvidia-ml-py==13.615.71"]
 ALONE = ("openvino-",)  # wheels too big to share a part
 BINARIES = {"prometheus": "prometheus", "promtool": "promtool", "amtool": "amtool",
-            "alertmanager": "prometheus-alertmanager"}  # name there -> Debian's name here
+            "alertmanager": "prometheus-alertmanager", "hey": "hey"}  # name there -> Debian's name here
 TEMPLATES = Path("/usr/share/prometheus/alertmanager")
 PART_LIMIT = 60 * 1024 * 1024
 

@@ -119,11 +119,14 @@ def _answer(client, model, **kw):
 
 
 @pytest.mark.engine
-def test_every_model_of_the_lab_loads(pipeline_server):
+def test_every_model_of_the_lab_loads(pipeline_server, state_server):
     _, client, written, _, _ = pipeline_server
+    _, state_client, state_written = state_server
     on_disk = {p.parent.name for p in (LAB24 / "model_repository").glob("*/config.pbtxt")}
-    assert set(written) == on_disk, f"notebook 01 writes {sorted(written)}, the lab ships {sorted(on_disk)}"
+    assert set(written) | set(state_written) == on_disk, (
+        f"the tests load {sorted(set(written) | set(state_written))}, the lab ships {sorted(on_disk)}")
     assert all(client.is_model_ready(name) for name in written)
+    assert all(state_client.is_model_ready(name) for name in state_written)
 
 
 @pytest.mark.engine
@@ -216,3 +219,107 @@ def test_hey_posts_json_bodies_to_the_ensemble(pipeline_server):
     assert run["status"] == [200, 200, 200] and all(s > 0 for s in run["seconds"])
     bad = H.hey(url, {"inputs": [{"name": "NOPE", "shape": [1], "datatype": "UINT8", "data": [1]}]}, requests=1)
     assert bad["status"] == [400]
+
+
+# -- the real server with the models of notebook 02: response cache, warmup, sequence batcher ----------------
+
+
+@pytest.fixture(scope="module")
+def state_server(tmp_path_factory):
+    from inference_course.models import resolve_model
+    import tritonclient.http as httpclient
+
+    model_dir = resolve_model()
+    repo = tmp_path_factory.mktemp("triton24-state") / "model_repository"
+    names = ("embed", "embed_cached", "embed_warm", "session")
+    written = {name: H.write_model(repo, name, model_dir) for name in names}
+    with triton.triton_server(repo, model_control_mode="explicit", load_models=list(names), exit_timeout_s=2,
+                              startup_timeout=300, extra_args=["--cache-config=local,size=1048576"]) as server:
+        client = httpclient.InferenceServerClient(triton.http_url(server), network_timeout=300)
+        try:
+            yield server, client, written
+        finally:
+            client.close()
+
+
+@pytest.mark.engine
+def test_the_copies_of_embed_share_its_model_py(state_server):
+    _, _, written = state_server
+    source = (LAB24 / "model_repository/embed/1/model.py").read_text()
+    for name in ("embed_cached", "embed_warm"):
+        assert (LAB24 / "model_repository" / name / "1/model.py").is_symlink()
+        copied = written[name] / "1/model.py"
+        assert not copied.is_symlink() and copied.read_text() == source, f"{name}: the copy is not embed's model.py"
+
+
+@pytest.mark.engine
+def test_the_cache_answers_a_repeated_request_with_the_same_bytes_and_only_that(state_server):
+    _, client, _ = state_server
+    def embed(model, text):
+        return client.infer(model, H.http_inputs(text)).as_numpy("EMBEDDING")
+
+    first = embed("embed_cached", "A sentence to cache.")
+    before = H.cache_counts(client, "embed_cached")
+    again = embed("embed_cached", "A sentence to cache.")
+    other = embed("embed_cached", "A sentence to cache. ")
+    hits, misses = (a - b for a, b in zip(H.cache_counts(client, "embed_cached"), before))
+    assert (hits, misses) == (1, 1)
+    assert np.array_equal(first, again) and first.shape == (576,) and not np.array_equal(first, other)
+    np.testing.assert_allclose(embed("embed", "A sentence to cache."), first, rtol=1e-5, atol=1e-6)
+    assert H.cache_counts(client, "embed") == (0, 0), "embed has no response_cache: it must never look up"
+
+
+@pytest.mark.engine
+def test_the_warm_copy_ran_its_warmup_and_a_failing_warmup_fails_the_load(state_server, tmp_path):
+    from tritonclient.utils import InferenceServerException
+
+    server, client, written = state_server
+    assert len(triton.parse_config(written["embed_warm"]).model_warmup) == 1
+    # no test sends embed_warm a request: the one the statistics count is its warmup, run while it loaded
+    assert client.get_inference_statistics("embed_warm")["model_stats"][0]["inference_stats"]["success"]["count"] == 1
+    model_dir = triton.parse_config(written["embed_warm"]).parameters["model_dir"].string_value
+    broken = H.write_model(written["embed_warm"].parent, "embed_warm_random", model_dir, source="embed_warm",
+                           replace={"zero_data: true": "random_data: true"})
+    with pytest.raises(InferenceServerException, match="failed to run warmup sample"):
+        client.load_model(broken.name)
+    assert not client.is_model_ready(broken.name) and client.is_model_ready("embed_warm")
+
+
+@pytest.mark.engine
+def test_sequences_keep_their_own_state_and_expire(state_server):
+    from tritonclient.utils import InferenceServerException
+
+    _, client, _ = state_server
+    a1 = H.session_turn(client, 11, "one two", start=True)
+    b1 = H.session_turn(client, 22, "three", start=True)
+    a2 = H.session_turn(client, 11, "four five six", end=True)
+    b2 = H.session_turn(client, 22, "seven", end=True)
+    assert (a1["turn"], a2["turn"], b1["turn"], b2["turn"]) == (1, 2, 1, 2)
+    assert a2["total_tokens"] > a1["total_tokens"] > 0 and b2["total_tokens"] > b1["total_tokens"] > 0
+    assert b2["sessions"] == 0
+    with pytest.raises(InferenceServerException, match="must specify the START flag"):
+        H.session_turn(client, 33, "no start")
+    H.session_turn(client, 44, "quiet", start=True)
+    idle = triton.parse_config(H.MODEL_REPOSITORY / "session").sequence_batching.max_sequence_idle_microseconds / 1e6
+    time.sleep(idle + 1)
+    with pytest.raises(InferenceServerException, match="must specify the START flag"):
+        H.session_turn(client, 44, "still there?")
+    assert H.session_turn(client, 55, "new", start=True, end=True)["sessions"] == 0, "the expired state was not evicted"
+
+
+def test_zipf_and_sentences_are_deterministic():
+    assert H.zipf_indices(10, 50, seed=3) == H.zipf_indices(10, 50, seed=3)
+    draws = H.zipf_indices(10, 2000, seed=0)
+    counts = np.bincount(draws, minlength=10)
+    assert counts[0] > counts[4] > counts[9] > 0
+    assert len(set(H.sentences(64))) == 64
+
+
+def test_metric_values_parses_triton_cache_metrics():
+    text = ("# HELP nv_cache_num_entries Number of responses stored in response cache\n"
+            "# TYPE nv_cache_num_entries gauge\nnv_cache_num_entries 14\n"
+            "# HELP nv_cache_num_hits_per_model Number of cache hits per model\n"
+            "# TYPE nv_cache_num_hits_per_model counter\n"
+            'nv_cache_num_hits_per_model{model="embed_cached",version="1"} 3\n'
+            "# TYPE nv_inference_count counter\nnv_inference_count{model=\"x\",version=\"1\"} 9\n")
+    assert H.metric_values(text) == {"nv_cache_num_entries": 14.0, 'nv_cache_num_hits_per_model{model="embed_cached"}': 3.0}

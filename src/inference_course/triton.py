@@ -257,6 +257,11 @@ def triton_server(model_repository: str | os.PathLike, *, model_control_mode: st
     ]
     if is_bundled(binary):
         cmd.append(f"--backend-directory={backend_directory()}")
+        # the response cache's implementation (--cache-config local,size=...) ships beside the binary, not
+        # in /opt/tritonserver/caches where the server looks by default
+        caches = pytriton_root() / "tritonserver" / "caches"
+        if caches.is_dir() and not any(a.startswith("--cache-directory") for a in extra_args):
+            cmd.append(f"--cache-directory={caches}")
     cmd += [f"--load-model={name}" for name in load_models]
     cmd += list(extra_args)
     server = ManagedServer("tritonserver", cmd, port=http, ready_path="/v2/health/ready", env=server_env(),

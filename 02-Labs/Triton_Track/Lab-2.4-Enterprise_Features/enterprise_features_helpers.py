@@ -188,3 +188,73 @@ def stats_delta(before: dict, after: dict) -> dict[str, float]:
 
 def median(values) -> float:
     return float(statistics.median(values))
+
+
+# -- notebook 02: response cache, warmup, sequence batcher ---------------------------------------------------
+
+EMBED_MODELS = ("embed", "embed_cached", "embed_warm")
+
+
+def write_model(repository, name, model_dir, *, source: str | None = None, kind: str = "KIND_CPU",
+                threads: int | None = None, **copy_kw) -> Path:
+    """Copy ``model_repository/<source or name>`` into ``repository`` as ``name`` with the model folder filled in
+    (and ``threads``, ``kind`` where the config has them). ``copy_kw`` goes to ``triton.copy_model``
+    (``replace``, ``append``). Symbolic links (``embed_cached/1/model.py``) are copied as the file they point to."""
+    source = source or name
+    config = (MODEL_REPOSITORY / source / "config.pbtxt").read_text()
+    params = {"model_dir": str(model_dir)}
+    if threads is not None and '"threads"' in config:
+        params["threads"] = threads
+    replace = dict(copy_kw.pop("replace", None) or {})
+    if kind != "KIND_CPU" and source.startswith("embed"):
+        replace["kind: KIND_CPU"] = f"kind: {kind}"
+    return triton.copy_model(MODEL_REPOSITORY, source, repository, name=name, parameters=params,
+                             replace=replace or None, **copy_kw)
+
+
+def sentences(count: int) -> list[str]:
+    """``count`` distinct, deterministic sentences (the cache's key space)."""
+    subjects = ("The cache", "A server", "This model", "Every request", "The client", "A replica", "The GPU",
+                "An ensemble")
+    verbs = ("answers", "stores", "evicts", "measures", "routes", "warms up", "batches", "traces")
+    return [f"{subjects[i % len(subjects)]} {verbs[(i // len(subjects)) % len(verbs)]} item {i}." for i in range(count)]
+
+
+def zipf_indices(items: int, requests: int, *, s: float = 1.1, seed: int = 0) -> list[int]:
+    """``requests`` draws from ``items`` keys with Zipf-like popularity (key k has weight 1/(k+1)**s), seeded:
+    a few keys are asked for often, most rarely - the skew that makes a cache pay."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, items + 1) ** s
+    return rng.choice(items, size=requests, p=weights / weights.sum()).tolist()
+
+
+def metric_values(metrics_text: str, prefix: str = "nv_cache") -> dict[str, float]:
+    """The samples of Triton's /metrics whose name starts with ``prefix``, parsed by prometheus_client (names as
+    Triton writes them):
+    ``{name: value}`` for unlabelled samples, ``{name{model="m"}: value}`` for labelled ones (version left out)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if not sample.name.startswith(prefix):
+                continue
+            labels = {k: v for k, v in sample.labels.items() if k != "version"}
+            # the parser names a counter's samples <name>_total; Triton's own names have no such suffix
+            name = sample.name.removesuffix("_total") if family.type == "counter" else sample.name
+            key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+            out[key] = float(sample.value)
+    return out
+
+
+def cache_counts(client, model: str) -> tuple[int, int]:
+    """(hits, misses) of ``model``'s response cache so far, from the statistics API."""
+    stats = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+    return int(stats["cache_hit"]["count"]), int(stats["cache_miss"]["count"])
+
+
+def session_turn(client, corrid: int, text: str, *, start: bool = False, end: bool = False) -> dict[str, int]:
+    """One message of a conversation to the ``session`` model (sequence batcher): its running totals."""
+    result = client.infer("session", http_inputs(TEXT=text_bytes(text).reshape(1, -1)), sequence_id=corrid,
+                          sequence_start=start, sequence_end=end)
+    return {name.lower(): int(result.as_numpy(name).reshape(-1)[0]) for name in ("TOTAL_TOKENS", "TURN", "SESSIONS")}
