@@ -1,5 +1,6 @@
 """Do the course's load driver and ``vllm bench serve`` measure the same thing? ``bench.compare_tools`` on
-hand-made summaries, then both tools against one real ``vllm serve``."""
+hand-made summaries here; both tools against one real ``vllm serve`` in tests/test_vllm_server.py, which
+calls ``check_tools_agree`` on the server it starts for all its tests."""
 import json
 import math
 import statistics
@@ -242,21 +243,18 @@ def test_ttft_agreement_accepts_a_gap_within_the_tools_own_spread_and_nothing_mo
     assert ttft_agreement(doubled, 8, within_tolerance=True) == (True, "")
 
 
-@pytest.mark.engine
-def test_course_driver_agrees_with_vllm_bench_serve_on_a_real_server():
-    from inference_course import servers
-    from inference_course.models import resolve_model
-    from inference_course.profiles import get_profile
+def check_tools_agree(server, model: str, served: str):
+    """Both tools against one real ``vllm serve`` (``server``, serving ``model`` as ``served``), asserted.
 
-    model = resolve_model()
-    # a fixed 1 GiB KV cache: allocated seconds faster than the cpu profile's auto-sized one; the load needs far less
-    kv = get_profile().serving_engine_kwargs()
-    with servers.vllm_server(model, served_name="course-model", **kv) as server:
-        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-               "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
-        proc = servers.run_isolated(
-            [sys.executable, "-c", RUNNER, server.url, model, "course-model", str(INPUT_LEN), str(OUTPUT_LEN),
-             json.dumps(LEVELS), str(REPETITIONS), str(server.pid)], timeout=600, env=env)
+    Called by tests/test_vllm_server.py's test_course_driver_agrees_with_vllm_bench_serve_on_a_real_server,
+    on the server that module starts once for its tests: one engine start fewer on the CI machine."""
+    from inference_course import servers
+
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+           "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+    proc = servers.run_isolated(
+        [sys.executable, "-c", RUNNER, server.url, model, served, str(INPUT_LEN), str(OUTPUT_LEN),
+         json.dumps(LEVELS), str(REPETITIONS), str(server.pid)], timeout=600, env=env)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     runs = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("RUN ")]
     assert len(runs) == 2 * len(LEVELS) * REPETITIONS

@@ -9,32 +9,51 @@ from inference_course.models import resolve_model
 from inference_course.profiles import get_profile
 
 
+@pytest.fixture(scope="module")
+def served():
+    """One real `vllm serve` of the course model for this module's tests (an engine start costs half a
+    minute on the CI machine); after the last of them it must stop completely."""
+    # the profile's serving settings: on cpu a fixed 1 GiB KV cache, allocated seconds faster than an
+    # auto-sized one; the loads here need far less
+    server = servers.vllm_server(resolve_model(), served_name="course-model", **get_profile().serving_engine_kwargs())
+    with server:
+        pgid = server.pid
+        yield server
+    assert not server.running()
+    assert servers.group_members(pgid) == [], "vLLM engine processes outlived the server's stop()"
+
+
 @pytest.mark.engine
-def test_vllm_serve_answers_openai_clients_and_stops_completely():
+def test_vllm_serve_answers_openai_clients(served):
+    """That the server then stops completely is checked by the `served` fixture after the module's tests."""
     import openai
 
-    server = servers.vllm_server(resolve_model(), served_name="course-model")
-    with server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        assert [m.id for m in client.models.list().data] == ["course-model"]
-        chat = client.chat.completions.create(
-            model="course-model", temperature=0, max_tokens=16,
-            messages=[{"role": "user", "content": "What is the capital of France?"}])
-        assert "Paris" in chat.choices[0].message.content
-        stream = client.completions.create(model="course-model", prompt="One, two, three,", max_tokens=8,
-                                           temperature=0, stream=True)
-        chunks = [c.choices[0].text for c in stream if c.choices]
-        assert len(chunks) > 1, "streaming returned a single chunk"
-        pgid = server.pid
-        assert server.cmd[server.cmd.index("--dtype") + 1] == get_profile().vllm_dtype
-        # The profile's engine environment took effect: on cpu (VLLM_ENABLE_V1_MULTIPROCESSING=0) the model
-        # runs in the EngineCore process, with no worker process beside it.
-        names = [" ".join(p.cmdline()) for p in psutil.Process(server.pid).children(recursive=True)]
-        assert any("EngineCore" in n for n in names), names
-        expect_worker = dict(get_profile().vllm_env).get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "1"
-        if get_profile().device == "cpu":
-            assert any("Worker" in n for n in names) == expect_worker, names
-    assert servers.group_members(pgid) == [], "vLLM engine processes outlived the server's stop()"
+    server = served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["course-model"]
+    chat = client.chat.completions.create(
+        model="course-model", temperature=0, max_tokens=16,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in chat.choices[0].message.content
+    stream = client.completions.create(model="course-model", prompt="One, two, three,", max_tokens=8,
+                                       temperature=0, stream=True)
+    chunks = [c.choices[0].text for c in stream if c.choices]
+    assert len(chunks) > 1, "streaming returned a single chunk"
+    assert server.cmd[server.cmd.index("--dtype") + 1] == get_profile().vllm_dtype
+    # The profile's engine environment took effect: on cpu (VLLM_ENABLE_V1_MULTIPROCESSING=0) the model
+    # runs in the EngineCore process, with no worker process beside it.
+    names = [" ".join(p.cmdline()) for p in psutil.Process(server.pid).children(recursive=True)]
+    assert any("EngineCore" in n for n in names), names
+    expect_worker = dict(get_profile().vllm_env).get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "1"
+    if get_profile().device == "cpu":
+        assert any("Worker" in n for n in names) == expect_worker, names
+
+
+@pytest.mark.engine
+def test_course_driver_agrees_with_vllm_bench_serve_on_a_real_server(served):
+    from test_bench_agreement import check_tools_agree
+
+    check_tools_agree(served, resolve_model(), "course-model")
 
 
 def test_the_profile_engine_environment_reaches_vllm_serve_and_an_explicit_env_overrides_it():
