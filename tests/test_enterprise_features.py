@@ -323,3 +323,79 @@ def test_metric_values_parses_triton_cache_metrics():
             'nv_cache_num_hits_per_model{model="embed_cached",version="1"} 3\n'
             "# TYPE nv_inference_count counter\nnv_inference_count{model=\"x\",version=\"1\"} 9\n")
     assert H.metric_values(text) == {"nv_cache_num_entries": 14.0, 'nv_cache_num_hits_per_model{model="embed_cached"}': 3.0}
+
+
+# -- notebook 03: OpenTelemetry receiver, restricted APIs, uploaded code, TLS ---------------------------------
+
+
+def test_the_http_span_sink_reads_otlp_json_and_keeps_the_senders_hex_ids():
+    import urllib.request
+
+    from inference_course import monitoring
+
+    body = {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "t"}}]},
+                               "scopeSpans": [{"spans": [
+                                   {"traceId": "5f45de99" * 4, "spanId": "8fc3e80d5047836a", "parentSpanId": "a57279e92d329a44",
+                                    "name": "pipeline_ensemble", "startTimeUnixNano": "1000000000",
+                                    "endTimeUnixNano": "3000000000"}]}]}]}
+    with monitoring.SpanSink(protocol="http") as sink:
+        request = urllib.request.Request(sink.endpoint, json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        assert urllib.request.urlopen(request, timeout=10).status == 200
+        span = sink.wait_for(lambda s: s["name"] == "pipeline_ensemble", timeout=10)
+    assert (span["trace_id"], span["span_id"], span["parent_span_id"]) == ("5f45de99" * 4, "8fc3e80d5047836a",
+                                                                        "a57279e92d329a44")
+    assert span["service"] == "t" and span["end"] - span["start"] == 2.0
+    with pytest.raises(ValueError, match="grpc"):
+        monitoring.SpanSink(protocol="websocket")
+
+
+def test_span_tree_orders_each_trace_depth_first():
+    def span(name, sid, parent, start, trace="t1"):
+        return {"name": name, "span_id": sid, "parent_span_id": parent, "start": start, "end": start + 1,
+                "trace_id": trace}
+    spans = [span("c2", "d", "b", 3), span("root", "a", None, 0), span("mid", "b", "a", 1), span("c1", "c", "b", 2),
+             span("other", "x", None, 0, trace="t2")]
+    (rows,) = H.span_tree(spans, "mid")
+    assert [(depth, s["name"]) for depth, s in rows] == [(0, "root"), (1, "mid"), (2, "c1"), (2, "c2")]
+
+
+@pytest.mark.engine
+def test_restricted_repository_api_uploaded_code_and_mutual_tls(tmp_path):
+    from inference_course.models import resolve_model
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    repo = tmp_path / "repo"
+    H.write_model(repo, "tokenize", resolve_model())
+    certs = H.make_certificates(tmp_path / "certs")
+    proof = tmp_path / "proof.txt"
+    config = json.dumps({"backend": "python", "max_batch_size": 0,
+                         "input": [{"name": "X", "data_type": "TYPE_UINT8", "dims": [-1]}],
+                         "output": [{"name": "Y", "data_type": "TYPE_UINT8", "dims": [-1]}],
+                         "parameters": {"proof_file": {"string_value": str(proof)}}})
+    code = (LAB24 / "attack/model.py").read_bytes()
+    extra = ["--http-restricted-api=model-repository:admin-key=k3y", *H.tls_args(certs, mutual=True)]
+    with triton.triton_server(repo, model_control_mode="explicit", load_models=["tokenize"], exit_timeout_s=2,
+                              extra_args=extra) as server:
+        with httpclient.InferenceServerClient(triton.http_url(server)) as client:
+            with pytest.raises(InferenceServerException, match="restricted, expecting header 'admin-key'"):
+                client.load_model("uploaded", config=config, files={"file:1/model.py": code})
+            assert not proof.exists()
+            client.load_model("uploaded", headers={"admin-key": "k3y"}, config=config, files={"file:1/model.py": code})
+            assert proof.read_text().startswith("code sent by a client ran inside the server")
+        url = f"localhost:{server.ports['grpc']}"
+        array = H.text_bytes("hello")
+        item = grpcclient.InferInput("TEXT", list(array.shape), "UINT8")
+        item.set_data_from_numpy(array)
+        for kind, ok in (("plain", False), ("tls", False), ("tls+cert", True)):
+            c = H.grpc_client(url, None if kind == "plain" else certs, client_cert=(kind == "tls+cert"))
+            try:
+                if ok:
+                    assert c.infer("tokenize", [item], client_timeout=10).as_numpy("INPUT_IDS").size > 0
+                else:
+                    with pytest.raises(InferenceServerException):
+                        c.infer("tokenize", [item], client_timeout=10)
+            finally:
+                c.close()

@@ -337,17 +337,60 @@ def finite(result: list[dict]) -> bool:
     return bool(result) and all(math.isfinite(r["value"]) for r in result)
 
 
+def _quiet_http_sink_class():
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from oteltest.sink import HttpSink
+
+    class QuietHttpSink(HttpSink):
+        """oteltest's HttpSink on 127.0.0.1, without a line on stderr per POST (it would land in notebooks),
+        listening when ``start`` returns (oteltest binds in its thread: a stop right after start could wait
+        for ever, and a first POST could find no listener)."""
+
+        def start(self):
+            self.httpd = self._make_server()
+            self.svr_thread.start()
+
+        def run_server(self):
+            self.httpd.serve_forever()
+
+        def _make_server(self):
+            sink = self
+
+            class Handler(BaseHTTPRequestHandler):
+                def do_POST(self):  # noqa: N802
+                    body = self.rfile.read(int(self.headers["Content-Length"]))
+                    handle = sink.handlers.get(self.path)
+                    if handle:
+                        handle(body, dict(self.headers.items()))
+                    self.send_response(200 if handle else 404)
+                    self.end_headers()
+
+                def log_message(self, *args):
+                    pass
+
+            return HTTPServer(("127.0.0.1", self.port), Handler)
+
+    return QuietHttpSink
+
+
+def _QuietHttpSink(*args, **kw):  # noqa: N802  (a class made on first use: oteltest is imported lazily)
+    return _quiet_http_sink_class()(*args, **kw)
+
+
 class SpanSink:
-    """A real OpenTelemetry receiver: oteltest's OTLP/gRPC sink (PyPI ``oteltest``; no Jaeger or collector
-    runs here) keeping every span it receives as a plain dict. vLLM exports to it with
-    ``otlp_traces_endpoint=sink.endpoint`` (and ``OTEL_EXPORTER_OTLP_TRACES_INSECURE=true``)::
+    """A real OpenTelemetry receiver: oteltest's OTLP sink (PyPI ``oteltest``; no Jaeger or collector runs
+    here) keeping every span it receives as a plain dict. ``protocol="grpc"`` (OTLP/gRPC): vLLM exports to
+    it with ``otlp_traces_endpoint=sink.endpoint`` (and ``OTEL_EXPORTER_OTLP_TRACES_INSECURE=true``)::
 
         with monitoring.SpanSink() as sink:
             ...   # start vLLM with --otlp-traces-endpoint sink.endpoint, send requests
             sink.wait_for(lambda s: s["name"] == "llm_request")
-    """
 
-    def __init__(self, port: int | None = None):
+    ``protocol="http"`` (OTLP/HTTP, protobuf or JSON bodies; ``sink.endpoint`` is the ``/v1/traces`` URL):
+    what Triton's OpenTelemetry mode speaks (``--trace-config opentelemetry,url=...``)."""
+
+    def __init__(self, port: int | None = None, protocol: str = "grpc"):
         import logging
         import threading
 
@@ -356,13 +399,17 @@ class SpanSink:
 
         from .servers import free_port
 
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol is {protocol!r}: use 'grpc' (OTLP/gRPC) or 'http' (OTLP/HTTP)")
         self._spans: list[dict] = []
         self._lock = threading.Lock()
         sink = self
 
         class Collect(RequestHandler):
             def handle_trace(self, request, headers):
-                spans = [span_dict(span, resource.resource) for resource in request.resource_spans
+                # OTLP/JSON writes ids as hex; protobuf's JSON parser read them as base64: write them back
+                json_ids = "json" in {k.lower(): v for k, v in (headers or {}).items()}.get("content-type", "")
+                spans = [span_dict(span, resource.resource, json_ids=json_ids) for resource in request.resource_spans
                          for scope in resource.scope_spans for span in scope.spans]
                 with sink._lock:
                     sink._spans.extend(spans)
@@ -374,9 +421,14 @@ class SpanSink:
                 pass
 
         self.port = port or free_port()
-        self._sink = GrpcSink(Collect(), logging.getLogger("oteltest"), port=self.port)
+        self.protocol = protocol
+        if protocol == "grpc":
+            self._sink = GrpcSink(Collect(), logging.getLogger("oteltest"), port=self.port)
+            self.endpoint = f"grpc://127.0.0.1:{self.port}"
+        else:
+            self._sink = _QuietHttpSink(Collect(), logging.getLogger("oteltest"), port=self.port)
+            self.endpoint = f"http://127.0.0.1:{self.port}/v1/traces"
         self._sink.start()
-        self.endpoint = f"grpc://127.0.0.1:{self.port}"
 
     def spans(self) -> list[dict]:
         with self._lock:
@@ -405,13 +457,20 @@ def _any_value(value):
     return getattr(value, kind) if kind else None
 
 
-def span_dict(span, resource=None) -> dict:
-    """An OTLP protobuf span as a dict: ids in hex, times in seconds since the epoch, attributes by key."""
+def span_dict(span, resource=None, json_ids: bool = False) -> dict:
+    """An OTLP protobuf span as a dict: ids in hex, times in seconds since the epoch, attributes by key.
+    ``json_ids``: the span was parsed from OTLP/JSON, whose ids are hex strings that protobuf's JSON parser
+    decoded as base64; encoding the bytes back gives the sender's hex."""
+    import base64
+
+    def hexid(raw: bytes) -> str:
+        return base64.b64encode(raw).decode() if json_ids else raw.hex()
+
     return {
         "name": span.name,
-        "trace_id": span.trace_id.hex(),
-        "span_id": span.span_id.hex(),
-        "parent_span_id": span.parent_span_id.hex() or None,
+        "trace_id": hexid(span.trace_id),
+        "span_id": hexid(span.span_id),
+        "parent_span_id": hexid(span.parent_span_id) or None,
         "start": span.start_time_unix_nano / 1e9,
         "end": span.end_time_unix_nano / 1e9,
         "attributes": {kv.key: _any_value(kv.value) for kv in span.attributes},

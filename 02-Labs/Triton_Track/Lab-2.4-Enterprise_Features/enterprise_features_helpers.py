@@ -258,3 +258,111 @@ def session_turn(client, corrid: int, text: str, *, start: bool = False, end: bo
     result = client.infer("session", http_inputs(TEXT=text_bytes(text).reshape(1, -1)), sequence_id=corrid,
                           sequence_start=start, sequence_end=end)
     return {name.lower(): int(result.as_numpy(name).reshape(-1)[0]) for name in ("TOTAL_TOKENS", "TURN", "SESSIONS")}
+
+
+# -- notebook 03: OpenTelemetry, restricted APIs, model control, TLS -----------------------------------------
+
+
+def span_tree(spans: list[dict], root_name: str) -> list[list[tuple[int, dict]]]:
+    """The OpenTelemetry spans (``monitoring.SpanSink`` dicts) of each trace that contains a span named
+    ``root_name``, as (depth, span) rows in depth-first order from the trace's root."""
+    by_trace: dict[str, list[dict]] = {}
+    for span in spans:
+        by_trace.setdefault(span["trace_id"], []).append(span)
+    trees = []
+    for trace in by_trace.values():
+        if not any(s["name"] == root_name for s in trace):
+            continue
+        children: dict = {}
+        for s in trace:
+            children.setdefault(s["parent_span_id"], []).append(s)
+        ids = {s["span_id"] for s in trace}
+        roots = [s for s in trace if s["parent_span_id"] not in ids]
+        rows = []
+
+        def walk(span, depth):
+            rows.append((depth, span))
+            for child in sorted(children.get(span["span_id"], []), key=lambda s: s["start"]):
+                walk(child, depth + 1)
+
+        for root in sorted(roots, key=lambda s: s["start"]):
+            walk(root, 0)
+        trees.append(rows)
+    return trees
+
+
+def make_certificates(folder, *, hosts=("localhost", "127.0.0.1")) -> dict[str, Path]:
+    """A throwaway certificate authority, a server certificate for ``hosts`` and a client certificate, all
+    signed by that CA, written as PEM files into ``folder`` (made with the ``cryptography`` package).
+    Returns the paths: ca, server_cert, server_key, client_cert, client_key. For a lab only: the keys are
+    not protected and the CA signs whatever this function asks."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(common):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def build(subject, key, issuer, issuer_key, *, ca=False, usage=None, sans=()):
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if usage:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if sans:
+            entries = []
+            for host in sans:
+                try:
+                    entries.append(x509.IPAddress(ipaddress.ip_address(host)))
+                except ValueError:
+                    entries.append(x509.DNSName(host))
+            builder = builder.add_extension(x509.SubjectAlternativeName(entries), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = build("course lab CA", ca_key, "course lab CA", ca_key, ca=True)
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    server = build(hosts[0], server_key, "course lab CA", ca_key, usage=ExtendedKeyUsageOID.SERVER_AUTH, sans=hosts)
+    client = build("lab client", client_key, "course lab CA", ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    paths = {}
+    for label, item in (("ca", ca), ("server_cert", server), ("client_cert", client)):
+        paths[label] = folder / f"{label}.pem"
+        paths[label].write_bytes(item.public_bytes(serialization.Encoding.PEM))
+    for label, key in (("server_key", server_key), ("client_key", client_key)):
+        paths[label] = folder / f"{label}.pem"
+        paths[label].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return paths
+
+
+def tls_args(certs: dict, *, mutual: bool = False) -> list[str]:
+    """tritonserver flags for gRPC over TLS (``mutual``: the client must present a certificate the CA signed)."""
+    args = [f"--grpc-server-cert={certs['server_cert']}", f"--grpc-server-key={certs['server_key']}",
+            f"--grpc-root-cert={certs['ca']}"]
+    return args + (["--grpc-use-ssl-mutual=true"] if mutual else ["--grpc-use-ssl=true"])
+
+
+def grpc_client(url: str, certs: dict | None = None, *, client_cert: bool = False):
+    """A ``tritonclient.grpc`` client: plain, over TLS trusting ``certs['ca']``, and with the client
+    certificate when ``client_cert``. The server's certificate names ``localhost``: connect to
+    ``localhost:<port>``."""
+    import tritonclient.grpc as grpcclient
+
+    if certs is None:
+        return grpcclient.InferenceServerClient(url)
+    read = lambda key: Path(certs[key]).read_bytes()  # noqa: E731
+    kw = dict(ssl=True, root_certificates=str(certs["ca"]))
+    if client_cert:
+        kw.update(private_key=str(certs["client_key"]), certificate_chain=str(certs["client_cert"]))
+    del read
+    return grpcclient.InferenceServerClient(url, **kw)
