@@ -188,16 +188,9 @@ def test_traces_link_ensemble_steps_and_bls_calls_to_their_parent(pipeline_serve
         _, steps = _answer(client, H.PIPELINES["bls"], max_tokens=3)
     finally:
         client.update_trace_settings(settings={"trace_level": ["OFF"]})
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            spans = triton.read_traces(sorted(trace_file.parent.glob(trace_file.name + ".*")))
-            if len(H.trace_tree(spans, H.PIPELINES["bls"])) == 1:
-                break
-        except ValueError:  # a file being written
-            pass
-        assert time.monotonic() < deadline, "the traces did not reach their files within 10 s"
-        time.sleep(0.2)
+    spans = H.wait_for_traces(trace_file, H.PIPELINES["bls"], 1, children=steps + 2, timeout_s=20)
+    H.wait_for_traces(trace_file, H.PIPELINES["ensemble"], 1, children=len(H.STEPS), timeout_s=20)
+    spans = triton.read_traces(sorted(trace_file.parent.glob(trace_file.name + ".*")))
     (ens, ens_children), = H.trace_tree(spans, H.PIPELINES["ensemble"])
     assert [c.model for c in ens_children] == list(H.STEPS)
     assert all(c.parent_id == ens.id for c in ens_children)
@@ -280,7 +273,7 @@ def test_the_warm_copy_ran_its_warmup_and_a_failing_warmup_fails_the_load(state_
     model_dir = triton.parse_config(written["embed_warm"]).parameters["model_dir"].string_value
     broken = H.write_model(written["embed_warm"].parent, "embed_warm_random", model_dir, source="embed_warm",
                            replace={"zero_data: true": "random_data: true"})
-    with pytest.raises(InferenceServerException, match="failed to run warmup sample"):
+    with pytest.raises(InferenceServerException, match="failed to run warmup sample.*codec can't decode"):
         client.load_model(broken.name)
     assert not client.is_model_ready(broken.name) and client.is_model_ready("embed_warm")
 
@@ -376,7 +369,8 @@ def test_restricted_repository_api_uploaded_code_and_mutual_tls(tmp_path):
                          "output": [{"name": "Y", "data_type": "TYPE_UINT8", "dims": [-1]}],
                          "parameters": {"proof_file": {"string_value": str(proof)}}})
     code = (LAB24 / "attack/model.py").read_bytes()
-    extra = ["--http-restricted-api=model-repository:admin-key=k3y", *H.tls_args(certs, mutual=True)]
+    extra = ["--http-restricted-api=model-repository:admin-key=k3y",
+             "--grpc-restricted-protocol=model-repository:admin-key=k3y", *H.tls_args(certs, mutual=True)]
     with triton.triton_server(repo, model_control_mode="explicit", load_models=["tokenize"], exit_timeout_s=2,
                               extra_args=extra) as server:
         with httpclient.InferenceServerClient(triton.http_url(server)) as client:
@@ -389,6 +383,11 @@ def test_restricted_repository_api_uploaded_code_and_mutual_tls(tmp_path):
         array = H.text_bytes("hello")
         item = grpcclient.InferInput("TEXT", list(array.shape), "UINT8")
         item.set_data_from_numpy(array)
+        with H.grpc_client(url, certs, client_cert=True) as c:
+            with pytest.raises(InferenceServerException, match="expecting header 'triton-grpc-protocol-admin-key'"):
+                c.get_model_repository_index()
+            assert "tokenize" in [m.name for m in c.get_model_repository_index(
+                headers={"triton-grpc-protocol-admin-key": "k3y"}).models]
         for kind, ok in (("plain", False), ("tls", False), ("tls+cert", True)):
             c = H.grpc_client(url, None if kind == "plain" else certs, client_cert=(kind == "tls+cert"))
             try:
@@ -399,3 +398,29 @@ def test_restricted_repository_api_uploaded_code_and_mutual_tls(tmp_path):
                         c.infer("tokenize", [item], client_timeout=10)
             finally:
                 c.close()
+
+    proof.unlink()
+    with triton.triton_server(repo, model_control_mode="none", exit_timeout_s=2) as production:
+        with httpclient.InferenceServerClient(triton.http_url(production)) as client:
+            for attempt in (lambda: client.load_model("uploaded", config=config, files={"file:1/model.py": code}),
+                            lambda: client.unload_model("tokenize")):
+                with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+                    attempt()
+            assert client.is_model_ready("tokenize") and not proof.exists()
+
+
+def test_pipeline_models_on_a_gpu_move_only_the_language_model(tmp_path):
+    written = H.write_pipeline_models(tmp_path, "/models/x", kind="KIND_GPU")
+    kinds = {name: triton.parse_config(folder).instance_group[0].kind if triton.parse_config(folder).instance_group
+             else None for name, folder in written.items()}
+    from tritonclient.grpc import model_config_pb2 as pb
+    gpu = {name for name, kind in kinds.items() if kind == pb.ModelInstanceGroup.KIND_GPU}
+    assert gpu == set(H.ON_MODEL), kinds
+    assert triton.parse_config(written["lm_step"]).parameters["model_dir"].string_value == "/models/x"
+
+
+def test_the_bundled_cache_directory_is_passed_once():
+    server = triton.triton_server("/tmp/no-repository")
+    assert sum(a.startswith("--cache-directory") for a in server.cmd) == (1 if triton.is_bundled(server.cmd[0]) else 0)
+    mine = triton.triton_server("/tmp/no-repository", extra_args=["--cache-directory=/opt/mine"])
+    assert [a for a in mine.cmd if a.startswith("--cache-directory")] == ["--cache-directory=/opt/mine"]

@@ -14,6 +14,7 @@ and reads answers back::
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -337,6 +338,7 @@ def finite(result: list[dict]) -> bool:
     return bool(result) and all(math.isfinite(r["value"]) for r in result)
 
 
+@functools.lru_cache(maxsize=None)
 def _quiet_http_sink_class():
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -359,6 +361,10 @@ def _quiet_http_sink_class():
 
             class Handler(BaseHTTPRequestHandler):
                 def do_POST(self):  # noqa: N802
+                    if self.headers.get("Content-Length") is None:  # OTLP exporters send a length
+                        self.send_response(411)
+                        self.end_headers()
+                        return
                     body = self.rfile.read(int(self.headers["Content-Length"]))
                     handle = sink.handlers.get(self.path)
                     if handle:
@@ -374,7 +380,7 @@ def _quiet_http_sink_class():
     return QuietHttpSink
 
 
-def _QuietHttpSink(*args, **kw):  # noqa: N802  (a class made on first use: oteltest is imported lazily)
+def _QuietHttpSink(*args, **kw):  # noqa: N802  (the class is made once, on first use: oteltest is imported lazily)
     return _quiet_http_sink_class()(*args, **kw)
 
 

@@ -418,13 +418,18 @@ def read_traces(paths) -> list[Span]:
 
     Each file is a JSON array of records that share an ``id``: one names the model (and ``parent_id`` for
     a child request), the others each carry timestamps. They are merged into one ``Span`` per id, in the
-    order of their REQUEST_START. A record of an id never named (a file cut by a crash) raises."""
+    order of their REQUEST_START. A file that is not complete JSON, or a record of an id never named (a file
+    cut by a crash), raises ValueError."""
     spans: dict[int, dict] = {}
     for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths):
         text = Path(path).read_text().strip()
         if not text:
             continue
-        for record in json.loads(text):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:  # a file the server is still writing
+            raise ValueError(f"{path} is not complete JSON yet ({exc}): read it again once the server wrote it") from exc
+        for record in records:
             span = spans.setdefault(int(record["id"]), {"model": None, "parent_id": None, "timestamps": {}})
             if "model_name" in record:
                 span["model"] = record["model_name"]

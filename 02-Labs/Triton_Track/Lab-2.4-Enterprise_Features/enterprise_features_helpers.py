@@ -163,6 +163,43 @@ def trace_tree(spans, root_model: str) -> list[tuple[triton.Span, list[triton.Sp
             for span in spans if span.model == root_model and span.parent_id is None]
 
 
+def wait_for_traces(trace_file, root_model: str, requests: int, children: int | None = None,
+                    timeout_s: float = 30.0) -> list[triton.Span]:
+    """The spans of ``<trace_file>.*`` once ``requests`` traced requests of ``root_model`` are complete in them
+    (each with ``children`` child requests when given): the server's trace thread writes the files a moment
+    after the responses, so reading right away can miss the last ones."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            spans = triton.read_traces(sorted(Path(trace_file).parent.glob(Path(trace_file).name + ".*")))
+            trees = trace_tree(spans, root_model)
+            done = [r for r, kids in trees if "REQUEST_END" in r.timestamps
+                    and (children is None or len(kids) == children)]
+            if len(done) >= requests:
+                return spans
+        except ValueError:  # a file being written
+            trees = []
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(trees)} traced {root_model} requests in {trace_file}.* after {timeout_s:.0f} s, "
+                               f"expected {requests}")
+        time.sleep(0.1)
+
+
+def wait_for_statistics(client, model: str, count: int, timeout_s: float = 30.0) -> dict:
+    """``model``'s statistics once its success count reached ``count`` (a request is counted when it is
+    released, a moment after its response)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.get_inference_statistics(model)["model_stats"][0]
+        if int(stats["inference_stats"]["success"]["count"]) >= count or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
 def span_phases(span: triton.Span) -> dict[str, float]:
     """A model's request split as the statistics API splits it, in ms: queue, compute_input, compute_infer,
     compute_output, and the request's whole time (request)."""
@@ -360,9 +397,7 @@ def grpc_client(url: str, certs: dict | None = None, *, client_cert: bool = Fals
 
     if certs is None:
         return grpcclient.InferenceServerClient(url)
-    read = lambda key: Path(certs[key]).read_bytes()  # noqa: E731
     kw = dict(ssl=True, root_certificates=str(certs["ca"]))
     if client_cert:
         kw.update(private_key=str(certs["client_key"]), certificate_chain=str(certs["client_cert"]))
-    del read
     return grpcclient.InferenceServerClient(url, **kw)
