@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import shutil
-import statistics
 import subprocess
 from pathlib import Path
 
@@ -35,16 +34,8 @@ def write_pipeline_models(repository, model_dir, *, kind: str = "KIND_CPU", thre
     is the instance kind of the two models that run the language model; the tokenizer models and the BLS
     model stay on the CPU (they run no tensor work worth a GPU). ``threads``: torch threads per model
     instance (0: torch's default)."""
-    written = {}
-    for name in (*STEPS, PIPELINES["bls"], PIPELINES["fused"]):
-        config = (MODEL_REPOSITORY / name / "config.pbtxt").read_text()
-        params = {"model_dir": str(model_dir)}
-        if '"threads"' in config:
-            params["threads"] = threads
-        if '"max_tokens"' in config:
-            params["max_tokens"] = max_tokens
-        replace = {"kind: KIND_CPU": f"kind: {kind}"} if name in ON_MODEL and kind != "KIND_CPU" else None
-        written[name] = triton.copy_model(MODEL_REPOSITORY, name, repository, parameters=params, replace=replace)
+    written = {name: write_model(repository, name, model_dir, kind=kind, threads=threads, max_tokens=max_tokens)
+               for name in (*STEPS, PIPELINES["bls"], PIPELINES["fused"])}
     written[PIPELINES["ensemble"]] = triton.copy_model(MODEL_REPOSITORY, PIPELINES["ensemble"], repository)
     return written
 
@@ -223,9 +214,6 @@ def stats_delta(before: dict, after: dict) -> dict[str, float]:
     return out
 
 
-def median(values) -> float:
-    return float(statistics.median(values))
-
 
 # -- notebook 02: response cache, warmup, sequence batcher ---------------------------------------------------
 
@@ -233,17 +221,20 @@ EMBED_MODELS = ("embed", "embed_cached", "embed_warm")
 
 
 def write_model(repository, name, model_dir, *, source: str | None = None, kind: str = "KIND_CPU",
-                threads: int | None = None, **copy_kw) -> Path:
+                threads: int | None = None, max_tokens: int | None = None, **copy_kw) -> Path:
     """Copy ``model_repository/<source or name>`` into ``repository`` as ``name`` with the model folder filled in
-    (and ``threads``, ``kind`` where the config has them). ``copy_kw`` goes to ``triton.copy_model``
-    (``replace``, ``append``). Symbolic links (``embed_cached/1/model.py``) are copied as the file they point to."""
+    (and ``threads``, ``max_tokens`` where the config has them; ``kind`` for the models that run the language
+    model, ``ON_MODEL`` and the ``embed`` ones). ``copy_kw`` goes to ``triton.copy_model`` (``replace``,
+    ``append``). Symbolic links (``embed_cached/1/model.py``) are copied as the file they point to."""
     source = source or name
     config = (MODEL_REPOSITORY / source / "config.pbtxt").read_text()
     params = {"model_dir": str(model_dir)}
     if threads is not None and '"threads"' in config:
         params["threads"] = threads
+    if max_tokens is not None and '"max_tokens"' in config:
+        params["max_tokens"] = max_tokens
     replace = dict(copy_kw.pop("replace", None) or {})
-    if kind != "KIND_CPU" and source.startswith("embed"):
+    if kind != "KIND_CPU" and (source in ON_MODEL or source.startswith("embed")):
         replace["kind: KIND_CPU"] = f"kind: {kind}"
     return triton.copy_model(MODEL_REPOSITORY, source, repository, name=name, parameters=params,
                              replace=replace or None, **copy_kw)
